@@ -1,0 +1,268 @@
+"""Command line: ``python -m server {serve|import|send|echo}``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings, load_settings
+from server.errors import ConfigError, IngestError
+
+log = logging.getLogger("server")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "ae_title": getattr(args, "ae_title", None),
+        "dimse_port": getattr(args, "dimse_port", None),
+        "http_port": getattr(args, "http_port", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "database_url": getattr(args, "database_url", None),
+    }
+    return load_settings(args.config, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.archive import close_archive, open_archive
+    from server.dimse.ae import start_dimse
+
+    settings = _settings(args)
+    archive = open_archive(settings)
+    try:
+        server = start_dimse(archive)
+    except OSError as exc:
+        print(
+            f"cannot listen on {settings.bind_address}:{settings.dimse_port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
+    host, port = server.server_address[:2]
+    print(
+        f"DICOM AE {settings.ae_title} listening on {host}:{port}; data in "
+        f"{settings.data_dir.resolve()}; catalog {settings.catalog_url.split('@')[-1]}",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down", flush=True)
+    server.shutdown()
+    close_archive()
+    return 0
+
+
+def _walk(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        elif path.exists():
+            yield path
+        else:
+            raise FileNotFoundError(path)
+
+
+class Progress:
+    """A one-line progress bar on stderr (quiet when stderr is not a terminal, except the end)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = total, label
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def update(self, done: int, extra: str = "") -> None:
+        now = time.monotonic()
+        if done < self.total and (not self.tty or now - self.last < 0.1):
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / self.total) if self.total else width
+        rate = done / max(now - self.started, 1e-6)
+        bar = "#" * filled + "." * (width - filled)
+        line = f"{self.label} [{bar}] {done}/{self.total} {rate:.0f}/s {extra}"
+        end = "\n" if done >= self.total else ""
+        sys.stderr.write(("\r" if self.tty else "") + line + end)
+        sys.stderr.flush()
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from server.archive import close_archive, open_archive
+
+    settings = _settings(args)
+    archive = open_archive(settings)
+    files = list(_walk(args.paths))
+    counts = {"stored": 0, "replaced": 0, "duplicate": 0, "rejected": 0}
+    rejected: list[str] = []
+    bar = Progress(len(files), "import")
+    for n, path in enumerate(files, start=1):
+        try:
+            result = archive.ingestor.ingest(path.read_bytes(), source=f"import:{path.name}")
+            counts[result.outcome] += 1
+        except (IngestError, OSError) as exc:
+            counts["rejected"] += 1
+            rejected.append(f"{path}: {exc}")
+        bar.update(
+            n, f"stored {counts['stored']} dup {counts['duplicate']} rejected {counts['rejected']}"
+        )
+    for line in rejected[:50]:
+        print(f"rejected {line}", file=sys.stderr)
+    if len(rejected) > 50:
+        print(f"... and {len(rejected) - 50} more rejected", file=sys.stderr)
+    print(
+        f"{len(files)} files: {counts['stored']} stored, {counts['replaced']} replaced, "
+        f"{counts['duplicate']} duplicate, {counts['rejected']} rejected"
+    )
+    close_archive()
+    return 1 if counts["rejected"] and not (counts["stored"] or counts["duplicate"]) else 0
+
+
+def _peer_or_exit(settings: Settings, title: str) -> Any:
+    peer = settings.peer(title)
+    if peer is None:
+        known = ", ".join(p.ae_title for p in settings.peers) or "none"
+        raise ConfigError(
+            f"unknown AE {title!r}; add it to {settings.config_dir / 'peers.toml'} (known: {known})"
+        )
+    return peer
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from server.dimse.scu import echo
+
+    settings = _settings(args)
+    peer = _peer_or_exit(settings, args.ae)
+    try:
+        status = echo(settings, peer)
+    except ConnectionError as exc:
+        print(f"echo {peer.ae_title}: {exc}", file=sys.stderr)
+        return 1
+    print(f"echo {peer.ae_title} at {peer.host}:{peer.port}: status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from server.dimse.scu import send_files
+
+    settings = _settings(args)
+    peer = _peer_or_exit(settings, args.to)
+    target = Path(args.what)
+    if target.exists():
+        files = list(_walk([target]))
+    else:
+        files = _files_for_uid(settings, args.what)
+        if not files:
+            print(f"no stored study, series or instance with UID {args.what}", file=sys.stderr)
+            return 1
+    bar = Progress(len(files), f"send to {peer.ae_title}")
+    try:
+        report = send_files(settings, peer, files, progress=lambda n, _: bar.update(n))
+    except ConnectionError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    for path, status in report.failed:
+        print(f"failed {path}: {status}", file=sys.stderr)
+    print(f"{report.sent} sent, {len(report.failed)} failed")
+    return 0 if not report.failed else 1
+
+
+def _files_for_uid(settings: Settings, uid: str) -> list[Path]:
+    from server.archive import open_archive
+    from server.catalog.db import session
+    from server.catalog.search import retrieve_items
+    from server.dicom.attributes import Level
+    from server.dicom.query import Query, constraint
+
+    archive = open_archive(settings)
+    with session():
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            from server.dicom.attributes import BY_KEYWORD
+
+            attr = BY_KEYWORD[keyword]
+            items = retrieve_items(
+                Query(Level.IMAGE, constraints=(constraint(attr.tag, "UI", [uid]),))
+            )
+            if items:
+                return [archive.storage.path_of(i.file_path) for i in items]
+    return []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m server", description="DICOM archive server")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="configuration directory (default: ae_config/)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--data-dir", type=Path, default=None, help="instance files and SQLite catalog"
+        )
+        p.add_argument(
+            "--database-url", default=None, help="sqlite:///path or postgresql://user@host/db"
+        )
+        p.add_argument("--ae-title", default=None, help="our AE title")
+        p.add_argument(
+            "--config", type=Path, default=argparse.SUPPRESS, help="configuration directory"
+        )
+
+    serve = sub.add_parser("serve", help="run the server (DICOM AE; DICOMweb once issue 3 lands)")
+    common(serve)
+    serve.add_argument("--dimse-port", type=int, default=None)
+    serve.add_argument("--http-port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    imp = sub.add_parser("import", help="import files/folders through the ingest path")
+    common(imp)
+    imp.add_argument("paths", nargs="+", type=Path)
+    imp.set_defaults(func=cmd_import)
+
+    send = sub.add_parser(
+        "send", help="C-STORE files, or a stored study/series/instance, to a peer"
+    )
+    common(send)
+    send.add_argument("--to", required=True, help="AE title from peers.toml")
+    send.add_argument("what", help="a file or folder, or a Study/Series/SOP Instance UID")
+    send.set_defaults(func=cmd_send)
+
+    ech = sub.add_parser("echo", help="C-ECHO a peer from peers.toml")
+    common(ech)
+    ech.add_argument("ae")
+    ech.set_defaults(func=cmd_echo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"not found: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Catalog tables: Patient, Study, Series, Instance (PS3.4 C.6 hierarchy).
+
+The DICOM columns of each table are generated from the attribute table
+(:mod:`server.dicom.attributes`), so adding a key there adds a column, an index, ingest
+extraction and query support in one place.  Empty DICOM values are stored as NULL so range
+matching never matches an absent value.  PN columns get an upper-cased twin (``*_ci``) so
+case-insensitive name matching can use an index on both SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from peewee import (
+    SQL,
+    AutoField,
+    BigIntegerField,
+    DateTimeField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+from server.catalog.db import database, is_postgres
+from server.dicom.attributes import INTEGER_VRS, Attribute, Level, at_level
+
+SCHEMA_VERSION = 1
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+def _columns(level: Level, indexed: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for a in at_level(level):
+        if a.computed and level == Level.PATIENT:
+            continue  # patient counts are derived at query time: patients are rarely queried
+        if a.unique and level != Level.PATIENT:
+            fields[a.column] = TextField(unique=True)
+            continue
+        if a.computed and a.vr in INTEGER_VRS:
+            fields[a.column] = IntegerField(default=0, index=indexed)
+        elif a.vr in INTEGER_VRS:
+            fields[a.column] = IntegerField(null=True, index=indexed)
+        else:
+            fields[a.column] = TextField(null=True, index=indexed)
+        if a.vr == "PN":
+            fields[ci_column(a)] = TextField(null=True, index=indexed)
+    return fields
+
+
+def ci_column(a: Attribute) -> str:
+    return f"{a.column}_ci"
+
+
+Patient: Any = type(
+    "Patient",
+    (BaseModel,),
+    {
+        "__module__": __name__,
+        "id": AutoField(),
+        # PatientID + IssuerOfPatientID identify a patient; PatientID alone is not unique
+        # across issuers.
+        "patient_key": TextField(unique=True),
+        **_columns(Level.PATIENT, indexed=True),
+        "created_at": DateTimeField(default=_now),
+    },
+)
+
+Study: Any = type(
+    "Study",
+    (BaseModel,),
+    {
+        "__module__": __name__,
+        "id": AutoField(),
+        "patient": ForeignKeyField(Patient, backref="studies", on_delete="CASCADE"),
+        **_columns(Level.STUDY, indexed=True),
+        "created_at": DateTimeField(default=_now),
+        "updated_at": DateTimeField(default=_now, index=True),
+    },
+)
+
+Series: Any = type(
+    "Series",
+    (BaseModel,),
+    {
+        "__module__": __name__,
+        "id": AutoField(),
+        "study": ForeignKeyField(Study, backref="series", on_delete="CASCADE"),
+        **_columns(Level.SERIES, indexed=True),
+        "created_at": DateTimeField(default=_now),
+        "updated_at": DateTimeField(default=_now, index=True),
+    },
+)
+
+Instance: Any = type(
+    "Instance",
+    (BaseModel,),
+    {
+        "__module__": __name__,
+        "id": AutoField(),
+        "series": ForeignKeyField(Series, backref="instances", on_delete="CASCADE"),
+        # Instances are always queried within a series; indexing every column would slow ingest.
+        **_columns(Level.IMAGE, indexed=False),
+        "storage_key": TextField(index=True),
+        "file_path": TextField(),
+        "file_size": BigIntegerField(),
+        "transfer_syntax_uid": TextField(),
+        "metadata": TextField(),
+        "source": TextField(default=""),
+        "received_at": DateTimeField(default=_now),
+    },
+)
+
+
+class SchemaInfo(BaseModel):
+    version = IntegerField()
+
+
+TABLES: list[Any] = [Patient, Study, Series, Instance, SchemaInfo]
+
+
+def create_schema() -> None:
+    """Create missing tables and indexes; refuse a catalog written by a newer schema."""
+    with database.atomic():
+        database.create_tables(TABLES, safe=True)
+        if is_postgres():
+            # Prefix LIKE ('LEW%') uses a btree index in PostgreSQL only with pattern ops
+            # (unless the database collation is C).
+            for model in (Patient, Study, Series):
+                for field in model._meta.sorted_fields:
+                    if isinstance(field, TextField) and not field.unique:
+                        table = model._meta.table_name
+                        database.execute_sql(
+                            f'CREATE INDEX IF NOT EXISTS "{table}_{field.column_name}_pattern" '
+                            f'ON "{table}" ("{field.column_name}" text_pattern_ops)'
+                        )
+        row = SchemaInfo.select().first()
+        if row is None:
+            SchemaInfo.create(version=SCHEMA_VERSION)
+        elif row.version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"catalog schema version {row.version} is newer than this server ({SCHEMA_VERSION})"
+            )
+
+
+__all__ = ["SQL", "TABLES", "Instance", "Patient", "Series", "Study", "ci_column", "create_schema"]

@@ -1,0 +1,300 @@
+"""One frozen :class:`Settings`, read from ``ae_config/*.toml`` then the environment, then the CLI.
+
+Precedence (lowest first): built-in defaults, ``server.toml``, ``IMAGING_*`` environment variables,
+command-line options.  Every problem is reported as a :class:`~server.errors.ConfigError` naming the
+file and line, so a typo stops start-up with a pointer instead of a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.errors import ConfigError
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ae_config"
+DUPLICATE_POLICIES = ("ignore", "replace")
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote AE we know (``peers.toml``): where it listens and what it may do."""
+
+    ae_title: str
+    host: str
+    port: int
+    query: bool = True
+    retrieve: bool = True
+    move_destination: bool = True
+    store: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    ae_title: str = "IMAGING"
+    dimse_port: int = 11112
+    bind_address: str = "0.0.0.0"
+    http_port: int = 8042
+    http_bind_address: str = "127.0.0.1"
+    max_pdu: int = 0
+    max_associations: int = 32
+    accept_unknown_calling_aes: bool = True
+    unknown_aes_may_query: bool = True
+    unknown_aes_may_retrieve: bool = True
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 120.0
+    network_timeout: float = 120.0
+    data_dir: Path = Path("storage")
+    database_url: str = ""
+    duplicates: str = "ignore"
+    sqlite_synchronous: str = "FULL"
+    case_insensitive_pn: bool = True
+    peers: tuple[Peer, ...] = field(default_factory=tuple)
+    config_dir: Path = DEFAULT_CONFIG_DIR
+
+    @property
+    def catalog_url(self) -> str:
+        """The catalog database URL: the configured one, else SQLite inside the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.sqlite').resolve()}"
+
+    def peer(self, ae_title: str) -> Peer | None:
+        title = ae_title.strip()
+        return next((p for p in self.peers if p.ae_title == title), None)
+
+
+# (section, key) in server.toml -> (Settings field, type)
+_SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
+    ("ae", "title"): ("ae_title", str),
+    ("ae", "port"): ("dimse_port", int),
+    ("ae", "bind"): ("bind_address", str),
+    ("ae", "max_pdu"): ("max_pdu", int),
+    ("ae", "max_associations"): ("max_associations", int),
+    ("ae", "accept_unknown_calling_aes"): ("accept_unknown_calling_aes", bool),
+    ("ae", "unknown_aes_may_query"): ("unknown_aes_may_query", bool),
+    ("ae", "unknown_aes_may_retrieve"): ("unknown_aes_may_retrieve", bool),
+    ("timeouts", "acse"): ("acse_timeout", float),
+    ("timeouts", "dimse"): ("dimse_timeout", float),
+    ("timeouts", "network"): ("network_timeout", float),
+    ("storage", "data_dir"): ("data_dir", Path),
+    ("storage", "database_url"): ("database_url", str),
+    ("storage", "duplicates"): ("duplicates", str),
+    ("storage", "sqlite_synchronous"): ("sqlite_synchronous", str),
+    ("query", "case_insensitive_pn"): ("case_insensitive_pn", bool),
+    ("http", "port"): ("http_port", int),
+    ("http", "bind"): ("http_bind_address", str),
+}
+_PEER_KEYS: dict[str, type] = {
+    "ae_title": str,
+    "host": str,
+    "port": int,
+    "query": bool,
+    "retrieve": bool,
+    "move_destination": bool,
+    "store": bool,
+}
+_ENV_PREFIX = "IMAGING_"
+
+
+def _line_of(text: str, section: str | None, key: str, occurrence: int = 0) -> int | None:
+    """Line number of ``key`` inside ``[section]`` (or the n-th ``[[section]]``), if findable."""
+    current: str | None = None
+    index = -1
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^(\[\[?)\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(2)
+            if section is None and current == key:
+                return number
+            if header.group(1) == "[[" and current == section:
+                index += 1
+            continue
+        if (
+            current == section
+            and index in (-1, occurrence)
+            and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line)
+        ):
+            return number
+    return None
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"expected true or false, got {value!r}", where)
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected an integer, got {value!r}", where)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"expected an integer, got {value!r}", where) from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"expected a number, got {value!r}", where) from None
+    if kind is Path:
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(f"expected a path, got {value!r}", where)
+        return Path(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a string, got {value!r}", where)
+    return value
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, ""
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc}", str(path)) from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        raise ConfigError(str(exc), f"{path}:{line}" if line else str(path)) from None
+
+
+def _server_values(path: Path) -> dict[str, Any]:
+    data, text = _read_toml(path)
+    values: dict[str, Any] = {}
+    for section, body in data.items():
+        if not isinstance(body, dict):
+            line = _line_of(text, None, section)
+            raise ConfigError(f"unknown top-level key {section!r}", f"{path}:{line}")
+        for key, value in body.items():
+            where = f"{path}:{_line_of(text, section, key)}"
+            spec = _SERVER_KEYS.get((section, key))
+            if spec is None:
+                known = sorted(k for s, k in _SERVER_KEYS if s == section)
+                hint = f" (known in [{section}]: {', '.join(known)})" if known else ""
+                raise ConfigError(f"unknown setting {section}.{key}{hint}", where)
+            name, kind = spec
+            values[name] = (_coerce(value, kind, where), where)
+    return values
+
+
+def _peers(path: Path) -> tuple[Peer, ...]:
+    data, text = _read_toml(path)
+    peers: list[Peer] = []
+    items = data.get("peer", [])
+    extra = set(data) - {"peer"}
+    if extra:
+        name = sorted(extra)[0]
+        raise ConfigError(
+            f"unknown key {name!r}; peers are [[peer]] tables",
+            f"{path}:{_line_of(text, None, name)}",
+        )
+    if not isinstance(items, list):
+        raise ConfigError("'peer' must be written as [[peer]] tables", str(path))
+    for n, item in enumerate(items):
+        kwargs: dict[str, Any] = {}
+        for key, value in item.items():
+            where = f"{path}:{_line_of(text, 'peer', key, n)}"
+            if key not in _PEER_KEYS:
+                raise ConfigError(
+                    f"unknown peer setting {key!r} (known: {', '.join(_PEER_KEYS)})", where
+                )
+            kwargs[key] = _coerce(value, _PEER_KEYS[key], where)
+        missing = [k for k in ("ae_title", "host", "port") if k not in kwargs]
+        if missing:
+            raise ConfigError(
+                f"peer #{n + 1} lacks {', '.join(missing)}",
+                f"{path}:{_line_of(text, 'peer', next(iter(item), ''), n)}",
+            )
+        where = f"{path}:{_line_of(text, 'peer', 'ae_title', n)}"
+        _check_ae_title(kwargs["ae_title"], where)
+        _check_port(kwargs["port"], f"{path}:{_line_of(text, 'peer', 'port', n)}", allow_zero=False)
+        if any(p.ae_title == kwargs["ae_title"] for p in peers):
+            raise ConfigError(f"peer {kwargs['ae_title']!r} is listed twice", where)
+        peers.append(Peer(**kwargs))
+    return tuple(peers)
+
+
+def _check_ae_title(title: str, where: str | None) -> None:
+    if not _AE_TITLE_RE.match(title) or not title.strip():
+        raise ConfigError(
+            f"invalid AE title {title!r}: 1-16 printable ASCII characters, no backslash", where
+        )
+
+
+def _check_port(port: int, where: str | None, allow_zero: bool = True) -> None:
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ConfigError(f"port {port} out of range", where)
+
+
+def load_settings(
+    config_dir: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the effective settings.
+
+    ``overrides`` holds CLI values by field name (``None`` values are ignored).
+    """
+    env = os.environ if environ is None else environ
+    directory = Path(config_dir or env.get(f"{_ENV_PREFIX}CONFIG") or DEFAULT_CONFIG_DIR)
+    if not directory.is_dir():
+        raise ConfigError(f"configuration directory {directory} does not exist")
+    values = _server_values(directory / "server.toml")
+    types = {name: kind for name, kind in _SERVER_KEYS.values()}
+    for name, kind in types.items():
+        raw = env.get(f"{_ENV_PREFIX}{name.upper()}")
+        if raw is not None:
+            where = f"environment variable {_ENV_PREFIX}{name.upper()}"
+            values[name] = (_coerce(raw, kind, where), where)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = (
+                _coerce(value, types.get(name, type(value)), f"option --{name}"),
+                f"option --{name.replace('_', '-')}",
+            )
+    plain = {name: v for name, (v, _) in values.items()}
+    where_of = {name: w for name, (_, w) in values.items()}
+    _check_ae_title(plain.get("ae_title", Settings.ae_title), where_of.get("ae_title"))
+    for port_field in ("dimse_port", "http_port"):
+        if port_field in plain:
+            _check_port(plain[port_field], where_of[port_field])
+    if plain.get("duplicates", "ignore") not in DUPLICATE_POLICIES:
+        raise ConfigError(
+            f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}", where_of["duplicates"]
+        )
+    if plain.get("sqlite_synchronous", "FULL").upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError(
+            "sqlite_synchronous must be FULL, EXTRA or NORMAL", where_of["sqlite_synchronous"]
+        )
+    if plain.get("max_pdu", 0) < 0:
+        raise ConfigError("max_pdu must be 0 (unlimited) or a positive size", where_of["max_pdu"])
+    data_dir = plain.get("data_dir", Settings.data_dir)
+    if (
+        not data_dir.is_absolute()
+        and "data_dir" in where_of
+        and where_of["data_dir"].startswith(str(directory))
+    ):
+        # A relative data_dir in the file is relative to the project root, next to ae_config/.
+        plain["data_dir"] = directory.resolve().parent / data_dir
+    peers = _peers(directory / "peers.toml")
+    return dataclasses.replace(Settings(), **plain, peers=peers, config_dir=directory)

@@ -1,0 +1,1 @@
+"""Pure DICOM logic: the attribute table, queries, matching, the JSON model. No I/O here."""

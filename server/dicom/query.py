@@ -1,0 +1,203 @@
+"""Query and constraint types, and the parser of C-FIND identifiers (PS3.4 C.2.2.2).
+
+A :class:`Query` is what C-FIND, QIDO-RS and the REST filters all compile to; the catalog runs it
+(``server.catalog.search``), and :mod:`server.dicom.matching` evaluates the same constraints in
+memory for keys the catalog has no column for.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from server.dicom.attributes import BY_TAG, Level
+from server.errors import QueryError
+
+# PS3.4 C.2.2.2.4: wildcards only for these VRs (not DA/TM/DT/UI/numbers/AS).
+WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+RANGE_VRS = frozenset({"DA", "TM", "DT"})  # PS3.4 C.2.2.2.5
+_SKIPPED_TAGS = frozenset({0x00080052, 0x00080005})  # QueryRetrieveLevel, SpecificCharacterSet
+
+
+class Model(enum.Enum):
+    """The information model the query was issued in (PS3.4 C.6)."""
+
+    PATIENT_ROOT = "PATIENT"
+    STUDY_ROOT = "STUDY"
+
+    def levels(self) -> tuple[Level, ...]:
+        if self is Model.PATIENT_ROOT:
+            return (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
+        return (Level.STUDY, Level.SERIES, Level.IMAGE)
+
+
+class MatchKind(enum.Enum):
+    SINGLE = "single"  # C.2.2.2.1 single value
+    WILDCARD = "wildcard"  # C.2.2.2.4
+    RANGE = "range"  # C.2.2.2.5
+    SEQUENCE = "sequence"  # C.2.2.2.6
+
+
+@dataclass(frozen=True)
+class Term:
+    """One alternative of a constraint; a constraint matches when any of its terms does."""
+
+    kind: MatchKind
+    value: str = ""
+    upper: str = ""  # RANGE only; "" is an open end
+    items: tuple[Constraint, ...] = ()  # SEQUENCE only: all must match within one item
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A key of the identifier. No terms means universal matching (return the value only)."""
+
+    tag: int
+    vr: str
+    terms: tuple[Term, ...] = ()
+
+    @property
+    def universal(self) -> bool:
+        return not self.terms
+
+    @property
+    def keyword(self) -> str:
+        attr = BY_TAG.get(self.tag)
+        return attr.keyword if attr else f"{self.tag:08X}"
+
+
+@dataclass(frozen=True)
+class Query:
+    level: Level
+    model: Model = Model.STUDY_ROOT
+    constraints: tuple[Constraint, ...] = ()
+    case_insensitive_pn: bool = True
+    limit: int | None = None
+    offset: int = 0
+    extra: dict[str, object] = field(default_factory=dict, compare=False)
+
+    @property
+    def matching(self) -> tuple[Constraint, ...]:
+        return tuple(c for c in self.constraints if not c.universal)
+
+    def requested_tags(self) -> tuple[int, ...]:
+        return tuple(c.tag for c in self.constraints)
+
+
+def _terms_for(vr: str, values: Sequence[str]) -> tuple[Term, ...]:
+    """The terms of one key's value(s); empty values mean universal matching."""
+    values = [v.rstrip(" ") if vr != "UI" else v.rstrip("\0 ") for v in values]
+    if not any(values):
+        return ()
+    terms: list[Term] = []
+    for value in values:
+        if not value:
+            continue
+        if vr in RANGE_VRS and "-" in value:
+            lower, _, upper = value.partition("-")
+            if not lower and not upper:
+                raise QueryError(f"range '{value}' has neither bound")
+            terms.append(Term(MatchKind.RANGE, lower.strip(), upper.strip()))
+        elif vr in WILDCARD_VRS and ("*" in value or "?" in value):
+            if value.strip("*") == "":
+                return ()  # "*" alone is universal matching (C.2.2.2.4)
+            terms.append(Term(MatchKind.WILDCARD, value))
+        else:
+            terms.append(Term(MatchKind.SINGLE, value))
+    return tuple(terms)
+
+
+def constraint(tag: int, vr: str, values: Sequence[str]) -> Constraint:
+    """A constraint from plain text values (as QIDO and the REST filters have them)."""
+    return Constraint(tag, vr, _terms_for(vr, values))
+
+
+def _element_values(ds: Dataset, tag: int, vr: str) -> list[str]:
+    try:
+        value = ds[tag].value
+    except (ValueError, TypeError):
+        # An identifier may carry "*" in an IS/DS key; pydicom cannot convert it, so read raw.
+        raw = ds.get_item(tag)
+        data = raw.value if raw is not None else b""
+        text = data.decode("ascii", "replace") if isinstance(data, bytes) else str(data)
+        return text.split("\\")
+    if value is None:
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    if isinstance(value, bytes):
+        return [value.decode("ascii", "replace")]
+    return [str(value)]
+
+
+def _parse_elements(ds: Dataset) -> tuple[Constraint, ...]:
+    result: list[Constraint] = []
+    for elem in ds:
+        tag = int(elem.tag)
+        if tag in _SKIPPED_TAGS or tag >> 16 == 0x0002 or tag & 0xFFFF == 0:
+            continue
+        vr = elem.VR
+        if vr in (None, "UN"):
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "UN"
+        if vr == "SQ":
+            items = list(elem.value or [])
+            sub = _parse_elements(items[0]) if items else ()
+            terms = (
+                (Term(MatchKind.SEQUENCE, items=sub),) if any(not c.universal for c in sub) else ()
+            )
+            result.append(Constraint(tag, vr, terms))
+            continue
+        result.append(Constraint(tag, vr, _terms_for(vr, _element_values(ds, tag, vr))))
+    return tuple(result)
+
+
+def parse_identifier(
+    identifier: Dataset, model: Model, *, case_insensitive_pn: bool = True
+) -> Query:
+    """Compile a C-FIND identifier into a :class:`Query`.
+
+    PS3.4 C.4.1.1.3: the Query/Retrieve Level must be present and valid for the information model,
+    otherwise the request fails with 0xA900 (Identifier does not match SOP Class).
+    """
+    raw_level = identifier.get("QueryRetrieveLevel", "")
+    if not raw_level:
+        raise QueryError("identifier lacks (0008,0052) QueryRetrieveLevel")
+    try:
+        level = Level.parse(str(raw_level))
+    except KeyError:
+        raise QueryError(f"invalid QueryRetrieveLevel {raw_level!r}") from None
+    if level not in model.levels():
+        raise QueryError(f"level {level.name} is not part of the {model.value} root model")
+    return Query(
+        level=level,
+        model=model,
+        constraints=_parse_elements(identifier),
+        case_insensitive_pn=case_insensitive_pn,
+    )
+
+
+def unique_uids(query: Query, tag: int) -> tuple[str, ...]:
+    """UIDs listed for a unique key (single or list matching), or () when unconstrained."""
+    for c in query.constraints:
+        if c.tag == tag and c.terms:
+            return tuple(t.value for t in c.terms if t.kind is MatchKind.SINGLE)
+    return ()
+
+
+def with_constraints(query: Query, extra: Iterable[Constraint]) -> Query:
+    return Query(
+        query.level,
+        query.model,
+        query.constraints + tuple(extra),
+        query.case_insensitive_pn,
+        query.limit,
+        query.offset,
+    )

@@ -1,0 +1,1 @@
+"""The DICOM Application Entity (pynetdicom): C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET."""

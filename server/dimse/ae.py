@@ -1,0 +1,122 @@
+"""Build and run the Application Entity from the settings.
+
+Storage accepts every SOP class (pynetdicom's unrestricted storage service: newer classes such
+as Label Map SEG are not in its tables) in whatever transfer syntax the modality proposes first,
+and stores it as received.  Every socket gets TCP_NODELAY: DIMSE exchanges many small PDUs and
+Nagle's algorithm costs an order of magnitude in throughput.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from typing import Any, cast
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+
+from server.archive import Archive
+from server.config import Settings
+from server.dimse.handlers import Handlers
+from server.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_QUERY_RETRIEVE = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+_config.UNRESTRICTED_STORAGE_SERVICE = True
+# Identifiers can hold patient data; they go to the audit trail, not to the debug log.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def _nodelay(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # e.g. a non-TCP socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+_original_create_socket = AssociationSocket._create_socket
+
+
+def _create_socket_nodelay(self: AssociationSocket, address: Any) -> socket.socket:
+    sock: socket.socket = _original_create_socket(self, address)
+    _nodelay(sock)
+    return sock
+
+
+# Outgoing associations (C-MOVE sub-operations, `send`, `echo`) are created inside pynetdicom;
+# this is the one place their sockets can be reached.
+AssociationSocket._create_socket = _create_socket_nodelay  # type: ignore[method-assign]
+
+
+class NoDelayServer(ThreadedAssociationServer):
+    """The AE's listening server: TCP_NODELAY on every accepted connection."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        _nodelay(client)
+        return client, address
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.connection_timeout = settings.acse_timeout
+    if not settings.accept_unknown_calling_aes:
+        titles = [p.ae_title for p in settings.peers]
+        if not titles:
+            raise ConfigError(
+                "accept_unknown_calling_aes = false but peers.toml lists no peers: "
+                "nobody could connect",
+                str(settings.config_dir / "server.toml"),
+            )
+        ae.require_calling_aet = titles
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for sop_class in _QUERY_RETRIEVE:
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES[:4])
+    return ae
+
+
+def event_handlers(archive: Archive) -> Any:
+    h = Handlers(archive)
+    return [
+        (evt.EVT_C_STORE, h.store),
+        (evt.EVT_C_FIND, h.find),
+        (evt.EVT_C_MOVE, h.move),
+        (evt.EVT_C_GET, h.get),
+    ]
+
+
+def start_dimse(archive: Archive) -> NoDelayServer:
+    """Start listening in a background thread; the caller shuts the returned server down."""
+    settings = archive.settings
+    ae = build_ae(settings)
+    server = ae.make_server(
+        (settings.bind_address, settings.dimse_port),
+        evt_handlers=event_handlers(archive),
+        server_class=NoDelayServer,
+    )
+    threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
+    return cast(NoDelayServer, server)

@@ -1,0 +1,204 @@
+"""DIMSE service handlers: small functions bound to pynetdicom events.
+
+Each one turns the request into a call on the shared archive pieces (ingest, query engine) and
+the outcome into the status PS3.4 defines.  An unexpected exception becomes a failure status,
+never a dead association (pynetdicom catches it, we log it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+)
+
+from server.archive import Archive
+from server.catalog.db import session
+from server.catalog.search import RetrieveItem, retrieve_items, search
+from server.dicom.query import Model, parse_identifier
+from server.dicom.response import find_identifier
+from server.errors import IngestError, QueryError
+
+log = logging.getLogger(__name__)
+_PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+}
+_UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID("1.2.840.10008.1.2.2")}
+
+
+def failure(status: int, comment: str) -> Dataset:
+    """A status dataset with an Error Comment (LO: at most 64 characters, PS3.7 C.4)."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment.replace("\\", "/")[:64]
+    return ds
+
+
+def _calling(event: Event) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
+class Handlers:
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.settings = archive.settings
+
+    # -- permissions ------------------------------------------------------------------------
+    def _may(self, event: Event, what: str) -> bool:
+        peer = self.settings.peer(_calling(event))
+        if peer is None:
+            if what == "store":
+                return True
+            if what == "query":
+                return self.settings.unknown_aes_may_query
+            return self.settings.unknown_aes_may_retrieve
+        return bool(getattr(peer, what))
+
+    # -- C-STORE ----------------------------------------------------------------------------
+    def store(self, event: Event) -> int | Dataset:
+        """C-STORE SCP (PS3.4 B.2): 0x0000 only once the file and the catalog row are durable."""
+        if not self._may(event, "store"):
+            return failure(0xA700, f"{_calling(event)} may not store here")
+        try:
+            self.archive.ingestor.ingest(
+                event.encoded_dataset(include_meta=True),
+                source=f"dimse:{_calling(event)}",
+                expect_sop_class=str(event.context.abstract_syntax),
+                expect_sop_instance=str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+                or None,
+            )
+        except IngestError as exc:
+            log.warning("C-STORE from %s refused (0x%04X): %s", _calling(event), exc.status, exc)
+            return failure(exc.status, str(exc))
+        return 0x0000
+
+    # -- C-FIND -----------------------------------------------------------------------------
+    def _model(self, event: Event) -> Model:
+        sop_class = event.request.AffectedSOPClassUID
+        return Model.PATIENT_ROOT if sop_class in _PATIENT_ROOT else Model.STUDY_ROOT
+
+    def find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+        """C-FIND SCP (PS3.4 C.4.1): one pending response per match, then success."""
+        if not self._may(event, "query"):
+            yield 0xC001, failure(0xC001, f"{_calling(event)} may not query")
+            return
+        try:
+            query = parse_identifier(
+                event.identifier,
+                self._model(event),
+                case_insensitive_pn=self.settings.case_insensitive_pn,
+            )
+            with session():
+                matches = search(query).matches
+        except QueryError as exc:
+            yield exc.status, failure(exc.status, str(exc))
+            return
+        for match in matches:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, find_identifier(query, match)
+
+    # -- C-MOVE / C-GET ---------------------------------------------------------------------
+    def _items(self, event: Event) -> list[RetrieveItem]:
+        query = parse_identifier(
+            event.identifier,
+            self._model(event),
+            case_insensitive_pn=self.settings.case_insensitive_pn,
+        )
+        with session():
+            return retrieve_items(query)
+
+    def _datasets(
+        self, event: Event, items: list[RetrieveItem]
+    ) -> Iterator[tuple[int, Dataset | None]]:
+        for item in items:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            path: Path = self.archive.storage.path_of(item.file_path)
+            try:
+                ds = dcmread(path)
+            except (OSError, ValueError) as exc:
+                log.error("cannot read %s for retrieval: %s", path, exc)
+                yield 0xFF00, None  # counted as a failed sub-operation
+                continue
+            yield 0xFF00, ds
+
+    def move(self, event: Event) -> Iterator[Any]:
+        """C-MOVE SCP (PS3.4 C.4.2): sub-operations to a destination known in ``peers.toml``."""
+        destination = self.settings.peer(str(event.move_destination).strip())
+        if destination is None or not destination.move_destination:
+            log.warning("C-MOVE to unknown destination %r", event.move_destination)
+            yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+            return
+        if not self._may(event, "retrieve"):
+            yield destination.host, destination.port
+            yield 1
+            yield 0xC001, failure(0xC001, f"{_calling(event)} may not retrieve")
+            return
+        try:
+            items = self._items(event)
+        except QueryError as exc:
+            yield destination.host, destination.port
+            yield 1
+            yield exc.status, failure(exc.status, str(exc))
+            return
+        yield (
+            destination.host,
+            destination.port,
+            {
+                "contexts": _contexts_for(items),
+                "ae_title": destination.ae_title,
+            },
+        )
+        yield len(items)
+        yield from self._datasets(event, items)
+
+    def get(self, event: Event) -> Iterator[Any]:
+        """C-GET SCP (PS3.4 C.4.3): sub-operations on the requesting association."""
+        if not self._may(event, "retrieve"):
+            yield 1
+            yield 0xC001, failure(0xC001, f"{_calling(event)} may not retrieve")
+            return
+        try:
+            items = self._items(event)
+        except QueryError as exc:
+            yield 1
+            yield exc.status, failure(exc.status, str(exc))
+            return
+        yield len(items)
+        yield from self._datasets(event, items)
+
+
+def _contexts_for(items: list[RetrieveItem]) -> list[Any]:
+    """Presentation contexts for a C-MOVE sub-association: each SOP class in its stored syntax,
+    plus the uncompressed little-endian syntaxes so the destination may pick those instead."""
+    wanted: dict[str, list[str]] = {}
+    for item in items:
+        syntaxes = wanted.setdefault(item.sop_class_uid, [])
+        if item.transfer_syntax_uid not in syntaxes:
+            syntaxes.append(item.transfer_syntax_uid)
+    contexts = []
+    for sop_class, syntaxes in wanted.items():
+        for syntax in syntaxes:
+            offered = [syntax]
+            if UID(syntax) in _UNCOMPRESSED:
+                offered += [
+                    s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax
+                ]
+            contexts.append(build_context(sop_class, offered))
+    return contexts[:128]  # PS3.8 9.3.2.2: at most 128 presentation contexts

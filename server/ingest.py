@@ -1,0 +1,231 @@
+"""The one ingest path: C-STORE, STOW-RS, uploads, ``import`` and AI results all call
+:meth:`Ingestor.ingest`.
+
+Order of work (ARCHITECTURE.md, "Commit, then announce"): parse the header only (pixel data is
+never decoded here), validate the UIDs, write the file durably, commit the catalog rows in one
+transaction, and only then report success, so an acknowledged instance survives a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from peewee import DatabaseError
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from server.catalog import writer
+from server.catalog.db import session
+from server.catalog.schema import Instance, ci_column
+from server.dicom import json as dicom_json
+from server.dicom.attributes import INTEGER_VRS, Level, extracted
+from server.dicom.uids import is_valid_uid
+from server.errors import DatasetMismatch, IngestError, InvalidDataset
+from server.storage import Storage, storage_key
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["stored", "duplicate", "replaced"]
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    outcome: Outcome
+    transfer_syntax_uid: str
+
+
+Listener = Callable[[IngestResult], None]
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip(" \0")
+    return text or None
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if value else None
+    if value is None or value == "":
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def extract_columns(ds: Dataset, level: Level) -> dict[str, Any]:
+    """Catalog column values of ``level`` read from a dataset (the attribute table drives it)."""
+    values: dict[str, Any] = {}
+    for attr in extracted(level):
+        try:
+            raw = ds[attr.tag].value if attr.tag in ds else None
+        except (ValueError, TypeError):
+            raw = None  # an unparseable optional value is not a reason to refuse the instance
+        if attr.vr in INTEGER_VRS:
+            values[attr.column] = _integer(raw)
+        else:
+            values[attr.column] = _text(raw)
+            if attr.vr == "PN":
+                text = values[attr.column]
+                values[ci_column(attr)] = text.upper() if text else None
+    return values
+
+
+def _parse(data: bytes) -> tuple[Dataset, bytes]:
+    """Header-only parse; returns the dataset and the bytes to store (Part 10 encoded)."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        try:
+            ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+            raise InvalidDataset(f"cannot parse DICOM data: {exc}") from exc
+        if "TransferSyntaxUID" not in ds.file_meta:
+            raise InvalidDataset("file meta information lacks (0002,0010) TransferSyntaxUID")
+        return ds, data
+    # A bare dataset without the Part 10 header (some tools write these): wrap it.
+    try:
+        ds = dcmread(io.BytesIO(data), force=True)
+        if len(ds) == 0 or "SOPInstanceUID" not in ds:
+            raise InvalidDataset("not DICOM data (no Part 10 header and no SOP Instance UID)")
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = (
+            ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
+        ) or ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+        out = io.BytesIO()
+        dcmwrite(out, ds, enforce_file_format=True)
+    except InvalidDataset:
+        raise
+    except Exception as exc:
+        raise InvalidDataset(f"cannot parse DICOM data: {exc}") from exc
+    return ds, out.getvalue()
+
+
+def _validate(ds: Dataset, expect_class: str | None, expect_instance: str | None) -> dict[str, str]:
+    uids: dict[str, str] = {}
+    for keyword in _REQUIRED_UIDS:
+        value = _text(ds.get(keyword))
+        if not value:
+            # PS3.4 B.2.3: a dataset lacking a required attribute does not match its SOP Class.
+            raise DatasetMismatch(f"dataset lacks {keyword}")
+        if not is_valid_uid(value):
+            raise InvalidDataset(f"{keyword} {value[:80]!r} is not a valid UID")
+        uids[keyword] = value
+    if expect_class and uids["SOPClassUID"] != expect_class:
+        raise DatasetMismatch(
+            f"SOPClassUID {uids['SOPClassUID']} does not match the request's {expect_class}"
+        )
+    if expect_instance and uids["SOPInstanceUID"] != expect_instance:
+        raise DatasetMismatch(
+            f"SOPInstanceUID {uids['SOPInstanceUID']} does not match the request's "
+            f"{expect_instance}"
+        )
+    return uids
+
+
+class Ingestor:
+    """Stores instances: the single entry point for every way data arrives."""
+
+    def __init__(self, storage: Storage, *, duplicates: str = "ignore") -> None:
+        self.storage = storage
+        self.replace = duplicates == "replace"
+        self._listeners: list[Listener] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` after each instance is committed (never before)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def ingest(
+        self,
+        data: bytes,
+        *,
+        source: str,
+        expect_sop_class: str | None = None,
+        expect_sop_instance: str | None = None,
+    ) -> IngestResult:
+        """Store one instance given as Part 10 bytes (or a bare dataset).
+
+        Raises an :class:`~server.errors.IngestError` carrying the DIMSE status on failure.
+        """
+        ds, encoded = _parse(data)
+        uids = _validate(ds, expect_sop_class, expect_sop_instance)
+        sop_uid = uids["SOPInstanceUID"]
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+
+        def result(outcome: Outcome) -> IngestResult:
+            return IngestResult(
+                uids["SOPClassUID"],
+                sop_uid,
+                uids["StudyInstanceUID"],
+                uids["SeriesInstanceUID"],
+                outcome,
+                transfer_syntax,
+            )
+
+        with session():
+            if (
+                not self.replace
+                and Instance.select().where(Instance.sop_instance_uid == sop_uid).exists()
+            ):
+                return result("duplicate")
+            key = storage_key(sop_uid)
+            instance_columns = extract_columns(ds, Level.IMAGE)
+            metadata = dicom_json.dumps(dicom_json.to_json(ds)).decode()
+            staged = self.storage.stage(key, (encoded,))
+            record = writer.InstanceRecord(
+                patient=extract_columns(ds, Level.PATIENT),
+                study=extract_columns(ds, Level.STUDY),
+                series=extract_columns(ds, Level.SERIES),
+                instance={
+                    **instance_columns,
+                    "storage_key": key,
+                    "file_path": staged.relative,
+                    "file_size": staged.size,
+                    "transfer_syntax_uid": transfer_syntax,
+                    "metadata": metadata,
+                    "source": source[:200],
+                },
+            )
+            try:
+                obsolete = writer.record_instance(record, replace=self.replace)
+            except writer.DuplicateInstance:
+                self.storage.finish(staged, keep=False)
+                return result("duplicate")
+            except DatabaseError as exc:
+                self.storage.finish(staged, keep=False)
+                raise IngestError(f"catalog unavailable: {exc}", 0xA700) from exc
+            except BaseException:
+                self.storage.finish(staged, keep=False)
+                raise
+            self.storage.finish(staged, keep=True, obsolete=obsolete)
+        done = result("replaced" if obsolete else "stored")
+        for listener in list(self._listeners):
+            try:
+                listener(done)
+            except Exception:  # a broken subscriber must not turn a stored instance into a failure
+                log.exception("ingest listener failed")
+        return done

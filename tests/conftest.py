@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    ServerProcess,
+    free_port,
+    have,
+    postgres_available,
+    postgres_database,
+    write_config,
+)
+from tools.generate import StudySpec, ct_series, write
+
+CT_SLICES = 110
+
+
+def _pg_or_skip() -> None:
+    reason = postgres_available()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """'' selects the embedded SQLite catalog; otherwise a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    _pg_or_skip()
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    _pg_or_skip()
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def ct_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 110-slice 512x512 CT study written as Part 10 files."""
+    out = tmp_path_factory.mktemp("ct")
+    spec = StudySpec(patient_id="CT-PAT-1", patient_name="LEWIS^ANNA", accession="CTACC1")
+    for ds in ct_series(spec, CT_SLICES, 512):
+        write(ds, out)
+    return out
+
+
+@pytest.fixture
+def dcmtk() -> None:
+    if not (have("storescu") and have("findscu") and have("movescu") and have("getscu")):
+        pytest.skip("DCMTK is not installed (tools/test installs it when run as root)")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[ServerProcess] = []
+
+    def make(
+        database_url: str = "",
+        *,
+        peers: tuple[tuple[str, int], ...] = (),
+        server_toml: str = "",
+        name: str = "node",
+    ) -> ServerProcess:
+        config = write_config(tmp_path / f"{name}-config", peers=peers, server=server_toml)
+        proc = ServerProcess(tmp_path / f"{name}-data", config, database_url)
+        started.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def move_port() -> int:
+    return free_port()
