@@ -174,7 +174,9 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
+        # Python 3.11's TOMLDecodeError carries the position only in its message.
+        found = re.search(r"at line (\d+)", str(exc))
+        line = found.group(1) if found else None
         raise ConfigError(str(exc), f"{path}:{line}" if line else str(path)) from None
 
 

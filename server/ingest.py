@@ -131,16 +131,18 @@ def _validate(ds: Dataset, expect_class: str | None, expect_instance: str | None
             # PS3.4 B.2.3: a dataset lacking a required attribute does not match its SOP Class.
             raise DatasetMismatch(f"dataset lacks {keyword}")
         if not is_valid_uid(value):
-            raise InvalidDataset(f"{keyword} {value[:80]!r} is not a valid UID")
+            raise InvalidDataset(f"{keyword} is not a valid UID: {value[:40]!r}")
         uids[keyword] = value
+    # Error Comments are cut at 64 characters (LO), so the reason comes before the values.
     if expect_class and uids["SOPClassUID"] != expect_class:
         raise DatasetMismatch(
-            f"SOPClassUID {uids['SOPClassUID']} does not match the request's {expect_class}"
+            f"SOPClassUID does not match the presentation context: "
+            f"{uids['SOPClassUID']} vs {expect_class}"
         )
     if expect_instance and uids["SOPInstanceUID"] != expect_instance:
         raise DatasetMismatch(
-            f"SOPInstanceUID {uids['SOPInstanceUID']} does not match the request's "
-            f"{expect_instance}"
+            f"SOPInstanceUID does not match the request: "
+            f"{uids['SOPInstanceUID']} vs {expect_instance}"
         )
     return uids
 

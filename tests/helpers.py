@@ -79,6 +79,18 @@ def echo(port: int, ae_title: str = "IMAGING", calling: str = "ECHOSCU") -> bool
         assoc.release()
 
 
+def answers(port: int) -> bool:
+    """The AE is up: it accepted or explicitly rejected an association (readiness probe)."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 3
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING")
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return bool(assoc.is_rejected)
+
+
 def write_config(
     directory: Path,
     *,
@@ -128,7 +140,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
-                if echo(self.port):
+                if answers(self.port):
                     return self
             except Exception:
                 pass

@@ -93,7 +93,7 @@ class Handlers:
     def find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
         """C-FIND SCP (PS3.4 C.4.1): one pending response per match, then success."""
         if not self._may(event, "query"):
-            yield 0xC001, failure(0xC001, f"{_calling(event)} may not query")
+            yield failure(0xC001, f"{_calling(event)} may not query"), None
             return
         try:
             query = parse_identifier(
@@ -104,7 +104,7 @@ class Handlers:
             with session():
                 matches = search(query).matches
         except QueryError as exc:
-            yield exc.status, failure(exc.status, str(exc))
+            yield failure(exc.status, str(exc)), None
             return
         for match in matches:
             if event.is_cancelled:
@@ -148,14 +148,14 @@ class Handlers:
         if not self._may(event, "retrieve"):
             yield destination.host, destination.port
             yield 1
-            yield 0xC001, failure(0xC001, f"{_calling(event)} may not retrieve")
+            yield failure(0xC001, f"{_calling(event)} may not retrieve"), None
             return
         try:
             items = self._items(event)
         except QueryError as exc:
             yield destination.host, destination.port
             yield 1
-            yield exc.status, failure(exc.status, str(exc))
+            yield failure(exc.status, str(exc)), None
             return
         yield (
             destination.host,
@@ -172,13 +172,13 @@ class Handlers:
         """C-GET SCP (PS3.4 C.4.3): sub-operations on the requesting association."""
         if not self._may(event, "retrieve"):
             yield 1
-            yield 0xC001, failure(0xC001, f"{_calling(event)} may not retrieve")
+            yield failure(0xC001, f"{_calling(event)} may not retrieve"), None
             return
         try:
             items = self._items(event)
         except QueryError as exc:
             yield 1
-            yield exc.status, failure(exc.status, str(exc))
+            yield failure(exc.status, str(exc)), None
             return
         yield len(items)
         yield from self._datasets(event, items)
