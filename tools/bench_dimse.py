@@ -16,8 +16,7 @@ What it measures, first on Orthanc, then on our server (one server runs at a tim
    match), by PatientName ``LEW*`` (a few percent) and by a StudyDate range (a tenth: ~2,000 of
    20,000). Each query runs once to warm up (its responses are counted: the hit counts must be
    the same on both servers and as generated), then ``--repeat`` times with ``findscu -q``; the
-   median wall clock of those findscu processes is reported. Each PatientID keeps one name in
-   the catalog (see generate_catalog: the servers store patient attributes differently).
+   median wall clock of those findscu processes is reported.
 4. move: C-MOVE of the ``--ct`` slice series (SERIES level, movescu) to a storescp destination.
 
 Every DCMTK process and Orthanc run with ``TCP_NODELAY=1`` (DCMTK leaves Nagle on otherwise and
@@ -57,7 +56,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from tools.benchlib import (
+from tools.generate import StudySpec, ct_series, many_studies, small_instance, write
+from tools.orthanc import ORTHANC_BINARY, OrthancProcess
+from tools.procs import (
     NODELAY_ENV,
     OurServer,
     dcmtk,
@@ -68,8 +69,6 @@ from tools.benchlib import (
     storescp,
     write_config,
 )
-from tools.generate import StudySpec, ct_series, many_studies, small_instance, write
-from tools.orthanc import ORTHANC_BINARY, OrthancProcess
 
 MEASUREMENTS = ("ingest", "small", "find", "move")
 HOST = "127.0.0.1"
@@ -153,12 +152,6 @@ def generate_catalog(root: Path, studies: int) -> tuple[list[Path], list[FindQue
     """``studies`` one-instance studies: many_studies(studies - 1) plus one patient that has a
     single study; returns the files and the three queries with their expected hit counts."""
     specs = list(many_studies(max(studies - 1, 0), start=CATALOG_START))
-    # many_studies gives the two studies of a patient different names; the servers keep patient
-    # attributes differently (ours: one patient row, last write wins; Orthanc: a copy per study),
-    # so PatientName queries would disagree. One name per PatientID, that of its first study.
-    first_name: dict[str, str] = {}
-    for spec in specs:
-        spec.patient_name = first_name.setdefault(spec.patient_id, spec.patient_name)
     specs.insert(
         len(specs) // 2,
         StudySpec(

@@ -197,7 +197,8 @@ def many_studies(count: int, start: dt.date = dt.date(2015, 1, 1)) -> Iterator[S
     for n in range(count):
         yield StudySpec(
             patient_id=f"P{n // 2:07d}",
-            patient_name=f"{surnames[n % len(surnames)]}^GIVEN{n % 97}",
+            # two studies per patient, with the same demographics, as a real archive has
+            patient_name=f"{surnames[(n // 2) % len(surnames)]}^GIVEN{(n // 2) % 97}",
             study_date=(start + dt.timedelta(days=n % 3650)).strftime("%Y%m%d"),
             accession=f"A{n:08d}",
             description=["CT CHEST", "MR BRAIN", "CR THORAX", "US ABDOMEN"][n % 4],

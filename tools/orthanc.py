@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from tools.benchlib import NODELAY_ENV, echo, free_port, stop_process, wait_until
+from tools.procs import NODELAY_ENV, echo, free_port, stop_process, wait_until
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 

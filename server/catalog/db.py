@@ -63,6 +63,18 @@ def make_database(
     raise ConfigError(f"unsupported database URL {url!r}: use sqlite:///path or postgresql://...")
 
 
+def write_transaction() -> Any:
+    """A transaction that will write.
+
+    On SQLite it takes the write lock up front (BEGIN IMMEDIATE): a deferred transaction that
+    reads first and writes later gets SQLITE_BUSY at once, without waiting out busy_timeout, when
+    another connection committed in between (WAL snapshot conflict).
+    """
+    if isinstance(database.obj, PooledSqliteDatabase):
+        return database.atomic(lock_type="IMMEDIATE")
+    return database.atomic()
+
+
 def is_postgres() -> bool:
     return isinstance(database.obj, PooledPostgresqlDatabase)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from peewee import IntegrityError
 
-from server.catalog.db import database
+from server.catalog.db import write_transaction
 from server.catalog.schema import Instance, Patient, Series, Study
 
 Columns = dict[str, Any]
@@ -66,7 +66,7 @@ def record_instance(record: InstanceRecord, *, replace: bool) -> str | None:
     """
     uid = record.instance["sop_instance_uid"]
     try:
-        with database.atomic():
+        with write_transaction():
             obsolete: str | None = None
             existing = Instance.get_or_none(Instance.sop_instance_uid == uid)
             if existing is not None:

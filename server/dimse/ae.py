@@ -118,5 +118,8 @@ def start_dimse(archive: Archive) -> NoDelayServer:
         evt_handlers=event_handlers(archive),
         server_class=NoDelayServer,
     )
+    # make_server() does not register the server with the AE (start_server() does), and
+    # AssociationServer.shutdown() expects to find itself there.
+    ae._servers.append(server)
     threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
     return cast(NoDelayServer, server)

@@ -90,7 +90,7 @@ class Handlers:
         sop_class = event.request.AffectedSOPClassUID
         return Model.PATIENT_ROOT if sop_class in _PATIENT_ROOT else Model.STUDY_ROOT
 
-    def find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+    def find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """C-FIND SCP (PS3.4 C.4.1): one pending response per match, then success."""
         if not self._may(event, "query"):
             yield failure(0xC001, f"{_calling(event)} may not query"), None

@@ -218,3 +218,39 @@ def test_duplicate_is_acknowledged_once(server: ServerProcess) -> None:
     assoc.release()
     assert first.Status == 0 and second.Status == 0
     assert len(_stored_files(server)) == 1
+
+
+def test_sigterm_shuts_down_cleanly(server: ServerProcess) -> None:
+    assert echo(server.port)
+    server.stop()
+    assert server.proc is not None and server.proc.returncode == 0
+    log = server.log()
+    assert "shutting down" in log and "Traceback" not in log
+
+
+def test_port_in_use_is_a_clear_error(server: ServerProcess, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, write_config
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--config",
+            str(write_config(tmp_path / "c")),
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--dimse-port",
+            str(server.port),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"cannot listen on 0.0.0.0:{server.port}" in result.stderr

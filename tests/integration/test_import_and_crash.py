@@ -15,6 +15,7 @@ from tests.catalog_dump import dump, files_on_disk
 from tests.dcmtk import findscu, storescu
 from tests.helpers import ROOT, ServerProcess, have, run, write_config
 from tools.generate import StudySpec, ct_series, small_instance, write
+from tools.procs import dcmtk
 
 
 def _import(
@@ -127,7 +128,16 @@ def test_sigkill_during_four_association_ingest(database_url: str, tmp_path: Pat
     logs = [tmp_path / f"storescu{n}.log" for n in range(4)]
     senders = [
         subprocess.Popen(
-            ["storescu", "-v", "-aec", "IMAGING", "127.0.0.1", str(server.port), "+sd", str(f)],
+            [
+                dcmtk("storescu"),
+                "-v",
+                "-aec",
+                "IMAGING",
+                "127.0.0.1",
+                str(server.port),
+                "+sd",
+                str(f),
+            ],
             stdout=open(log, "w"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
@@ -144,6 +154,13 @@ def test_sigkill_during_four_association_ingest(database_url: str, tmp_path: Pat
         proc.wait(60)
     acked = [p for log in logs for p in _acknowledged(log.read_text())]
     assert 60 <= len(acked) < 240, "the kill should land in the middle of the ingest"
+    refused = [
+        line
+        for log in logs
+        for line in log.read_text().splitlines()
+        if "Received Store Response" in line and "(Success)" not in line
+    ]
+    assert refused == [], "concurrent associations must not be refused (e.g. database locked)"
 
     server.start()  # restart on the same data: recovery runs
     try:

@@ -1,8 +1,5 @@
-"""Process helpers for the benchmarks: our server, DCMTK peers, ports, PostgreSQL scratch databases.
-
-Shared by ``tools/bench_dimse.py`` and ``tools/orthanc.py``; it mirrors ``tests/helpers.py`` so
-that tools do not import the test package.
-"""
+"""Process helpers shared by the tests and the benchmarks: our server as a child process,
+DCMTK peers, free ports, readiness polling and scratch PostgreSQL databases."""
 
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # DCMTK keeps Nagle's algorithm on unless this is set: every C-STORE then waits ~40 ms for a
 # delayed ACK. Every DCMTK process (and Orthanc, which links DCMTK) gets it.
 NODELAY_ENV = {"TCP_NODELAY": "1"}
-DCMTK_TOOLS = ("storescu", "storescp", "findscu", "movescu")
+DCMTK_TOOLS = ("storescu", "storescp", "findscu", "movescu", "getscu", "echoscu")
 
 
 def log(message: str) -> None:
@@ -43,7 +40,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def echo(port: int, ae_title: str, calling: str = "ECHOSCU", host: str = "127.0.0.1") -> bool:
+def echo(
+    port: int, ae_title: str = "IMAGING", calling: str = "ECHOSCU", host: str = "127.0.0.1"
+) -> bool:
     """True when the AE at ``host:port`` answers C-ECHO with success."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
@@ -56,6 +55,19 @@ def echo(port: int, ae_title: str, calling: str = "ECHOSCU", host: str = "127.0.
         return bool(status) and status.Status == 0
     finally:
         assoc.release()
+
+
+def answers(port: int, ae_title: str = "IMAGING") -> bool:
+    """The AE is up: it accepted or explicitly rejected an association (readiness probe that
+    also works when unknown calling AEs are refused)."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 3
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return bool(assoc.is_rejected)
 
 
 def wait_until(
@@ -205,7 +217,7 @@ class OurServer:
         )
         log_file.close()  # the child holds its own descriptor
         wait_until(
-            lambda: echo(self.port, self.ae_title),
+            lambda: answers(self.port, self.ae_title),
             "our server",
             timeout,
             self.proc,
@@ -236,7 +248,15 @@ class OurServer:
 
     def stop(self) -> None:
         stop_process(self.proc)
-        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash tests' way of pulling the plug."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
 
 @contextmanager
