@@ -25,7 +25,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from server.catalog import writer
 from server.catalog.db import session
-from server.catalog.schema import Instance, ci_column
+from server.catalog.schema import ci_column
 from server.dicom import json as dicom_json
 from server.dicom.attributes import INTEGER_VRS, Level, extracted
 from server.dicom.uids import is_valid_uid
@@ -189,10 +189,7 @@ class Ingestor:
             )
 
         with session():
-            if (
-                not self.replace
-                and Instance.select().where(Instance.sop_instance_uid == sop_uid).exists()
-            ):
+            if not self.replace and writer.is_catalogued(sop_uid):
                 return result("duplicate")
             key = storage_key(sop_uid)
             instance_columns = extract_columns(ds, Level.IMAGE)

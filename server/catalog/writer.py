@@ -7,12 +7,13 @@ date here so C-FIND and QIDO read them from the row instead of counting on every
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from peewee import IntegrityError
 
-from server.catalog.db import write_transaction
+from server.catalog.db import database, is_postgres, write_transaction
 from server.catalog.schema import Instance, Patient, Series, Study
 
 Columns = dict[str, Any]
@@ -40,15 +41,6 @@ def patient_key(patient_id: str | None, issuer: str | None) -> str:
     return f"{patient_id or ''}\\{issuer or ''}"
 
 
-def _get_or_insert(model: Any, key_field: Any, key: str, values: Columns) -> tuple[Any, bool]:
-    row = model.get_or_none(key_field == key)
-    if row is not None:
-        return row, False
-    # ON CONFLICT DO NOTHING: a concurrent writer may insert the same parent in between.
-    inserted = model.insert(**values).on_conflict_ignore().execute()
-    return model.get(key_field == key), bool(inserted)
-
-
 def _refresh_modalities(study_id: int) -> str | None:
     rows = (
         Series.select(Series.modality)
@@ -59,62 +51,160 @@ def _refresh_modalities(study_id: int) -> str | None:
     return "\\".join(modalities) or None
 
 
-def record_instance(record: InstanceRecord, *, replace: bool) -> str | None:
-    """Insert the instance; return the file path of the version it replaced, if any.
+class _ParentCache:
+    """Series UID -> (series id, study id) for series this process has written to.
 
-    Raises :class:`DuplicateInstance` when the UID is known and ``replace`` is false.
+    Most instances belong to a series that already exists; skipping three SELECTs per instance
+    is most of the catalog's cost on the C-STORE path.  A stale entry (a series deleted by
+    another process) shows up as a foreign-key failure and is retried on the slow path.
+    """
+
+    def __init__(self, limit: int = 20000) -> None:
+        self._ids: dict[str, tuple[int, int]] = {}
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def get(self, series_uid: str) -> tuple[int, int] | None:
+        return self._ids.get(series_uid)
+
+    def put(self, series_uid: str, ids: tuple[int, int]) -> None:
+        with self._lock:
+            if len(self._ids) >= self._limit:
+                self._ids.clear()
+            self._ids[series_uid] = ids
+
+    def clear(self) -> None:
+        with self._lock:
+            self._ids.clear()
+
+
+parents = _ParentCache()
+_SQL: dict[tuple[str, ...], str] = {}
+
+
+def _q(name: str) -> str:
+    return '"' + name + '"'
+
+
+def _param() -> str:
+    return "%s" if is_postgres() else "?"
+
+
+def _insert_instance(columns: Columns, series_id: int, now: dt.datetime) -> None:
+    """INSERT with SQL built once per column set: Peewee's query builder costs more than the
+    statement itself on this path."""
+    values = {**columns, "series_id": series_id, "received_at": now}
+    names = tuple(values)
+    param = _param()
+    sql = _SQL.get((param, *names))
+    if sql is None:
+        sql = (
+            f"INSERT INTO {_q(Instance._meta.table_name)} ({', '.join(map(_q, names))}) "
+            f"VALUES ({', '.join([param] * len(names))})"
+        )
+        _SQL[(param, *names)] = sql
+    database.execute_sql(sql, [values[n] for n in names])
+
+
+def _bump_counters(series_id: int, study_id: int, now: dt.datetime) -> None:
+    param = _param()
+    for model, counter, row_id in (
+        (Series, "number_of_series_related_instances", series_id),
+        (Study, "number_of_study_related_instances", study_id),
+    ):
+        key = (param, model._meta.table_name, counter)
+        sql = _SQL.get(key)
+        if sql is None:
+            sql = (
+                f"UPDATE {_q(model._meta.table_name)} SET {_q(counter)} = {_q(counter)} + 1, "
+                f'"updated_at" = {param} WHERE "id" = {param}'
+            )
+            _SQL[key] = sql
+        database.execute_sql(sql, [now, row_id])
+
+
+def _upsert(model: Any, key_column: str, values: Columns) -> tuple[int, bool]:
+    """Insert a parent row unless its key exists; returns (id, inserted).
+
+    ON CONFLICT DO NOTHING makes concurrent writers of the same study/series safe on both
+    SQLite and PostgreSQL; RETURNING tells us whether this call created the row.
+    """
+    table = model._meta.table_name
+    for field in model._meta.sorted_fields:  # Peewee applies defaults in Python, not in SQL
+        if field.default is not None and field.column_name not in values:
+            values[field.column_name] = (
+                field.default() if callable(field.default) else field.default
+            )
+    names = tuple(values)
+    param = _param()
+    key = (param, "upsert", table, *names)
+    sql = _SQL.get(key)
+    if sql is None:
+        sql = (
+            f"INSERT INTO {_q(table)} ({', '.join(map(_q, names))}) "
+            f"VALUES ({', '.join([param] * len(names))}) "
+            f'ON CONFLICT ({_q(key_column)}) DO NOTHING RETURNING "id"'
+        )
+        _SQL[key] = sql
+    row = database.execute_sql(sql, [values[n] for n in names]).fetchone()
+    if row is not None:
+        return int(row[0]), True
+    select = f'SELECT "id" FROM {_q(table)} WHERE {_q(key_column)} = {param}'
+    return int(database.execute_sql(select, [values[key_column]]).fetchone()[0]), False
+
+
+def _ensure_parents(record: InstanceRecord, now: dt.datetime) -> tuple[int, int]:
+    """Find or create the patient, study and series rows (first instance of a series)."""
+    key = patient_key(record.patient.get("patient_id"), record.patient.get("issuer_of_patient_id"))
+    patient_id, _ = _upsert(Patient, "patient_key", {**record.patient, "patient_key": key})
+    study_id, _ = _upsert(Study, "study_instance_uid", {**record.study, "patient_id": patient_id})
+    series_id, new_series = _upsert(
+        Series, "series_instance_uid", {**record.series, "study_id": study_id}
+    )
+    if new_series:
+        Study.update(
+            number_of_study_related_series=Study.number_of_study_related_series + 1,
+            modalities_in_study=_refresh_modalities(study_id),
+        ).where(Study.id == study_id).execute()
+    return series_id, study_id
+
+
+def record_instance(record: InstanceRecord, *, replace: bool, _retry: bool = True) -> str | None:
+    """Insert the instance in one transaction; return the file path of the version it replaced.
+
+    Raises :class:`DuplicateInstance` when the UID is already catalogued and ``replace`` is false
+    (the unique index decides, so concurrent writers of one UID cannot both succeed).
     """
     uid = record.instance["sop_instance_uid"]
+    series_uid = record.series["series_instance_uid"]
+    cached = parents.get(series_uid)
     try:
         with write_transaction():
             obsolete: str | None = None
-            existing = Instance.get_or_none(Instance.sop_instance_uid == uid)
-            if existing is not None:
-                if not replace:
-                    raise DuplicateInstance(uid)
-                obsolete = existing.file_path
-                delete_instance_row(existing)
+            if replace:
+                existing = Instance.get_or_none(Instance.sop_instance_uid == uid)
+                if existing is not None:
+                    obsolete = existing.file_path
+                    delete_instance_row(existing)
+                    cached = None
             now = _now()
-            key = patient_key(
-                record.patient.get("patient_id"), record.patient.get("issuer_of_patient_id")
-            )
-            patient, _ = _get_or_insert(
-                Patient, Patient.patient_key, key, {**record.patient, "patient_key": key}
-            )
-            study_uid = record.study["study_instance_uid"]
-            study, _ = _get_or_insert(
-                Study, Study.study_instance_uid, study_uid, {**record.study, "patient": patient.id}
-            )
-            series_uid = record.series["series_instance_uid"]
-            series, new_series = _get_or_insert(
-                Series, Series.series_instance_uid, series_uid, {**record.series, "study": study.id}
-            )
-            Instance.insert(**record.instance, series=series.id).execute()
-            Series.update(
-                number_of_series_related_instances=Series.number_of_series_related_instances + 1,
-                updated_at=now,
-            ).where(Series.id == series.id).execute()
-            study_changes: dict[Any, Any] = {
-                Study.number_of_study_related_instances: Study.number_of_study_related_instances
-                + 1,
-                Study.updated_at: now,
-            }
-            if new_series:
-                study_changes[Study.number_of_study_related_series] = (
-                    Study.number_of_study_related_series + 1
-                )
-                study_changes[Study.modalities_in_study] = _refresh_modalities(study.id)
-            Study.update(study_changes).where(Study.id == study.id).execute()
-            return obsolete
+            ids = cached if cached is not None else _ensure_parents(record, now)
+            _insert_instance(record.instance, ids[0], now)
+            _bump_counters(ids[0], ids[1], now)
+        parents.put(series_uid, ids)
+        return obsolete
     except IntegrityError as exc:
-        # Another association committed the same SOP Instance UID first.
         if Instance.get_or_none(Instance.sop_instance_uid == uid) is not None:
-            raise DuplicateInstance(uid) from exc
+            raise DuplicateInstance(uid) from exc  # another writer committed it first
+        if cached is not None and _retry:
+            parents.clear()  # the cached series is gone
+            return record_instance(record, replace=replace, _retry=False)
         raise
 
 
 def delete_instance_row(instance: Any) -> None:
     """Remove one instance row, fix the counters and drop parents left empty."""
+    parents.clear()
     series = Series.get_by_id(instance.series_id)
     study = Study.get_by_id(series.study_id)
     Instance.delete().where(Instance.id == instance.id).execute()
@@ -138,6 +228,11 @@ def delete_instance_row(instance: Any) -> None:
         Study.delete().where(Study.id == study.id).execute()
         if not Study.select().where(Study.patient == study.patient_id).exists():
             Patient.delete().where(Patient.id == study.patient_id).execute()
+
+
+def is_catalogued(sop_instance_uid: str) -> bool:
+    sql = f'SELECT 1 FROM "instance" WHERE "sop_instance_uid" = {_param()}'
+    return database.execute_sql(sql, [sop_instance_uid]).fetchone() is not None
 
 
 def committed_path(storage_key: str) -> str | None:
