@@ -27,7 +27,7 @@ from server.archive import Archive
 from server.catalog.db import session
 from server.catalog.search import RetrieveItem, retrieve_items, search
 from server.dicom.query import Model, parse_identifier
-from server.dicom.response import find_identifier
+from server.dimse.fastpath import send_find_pending
 from server.errors import IngestError, QueryError
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,8 @@ class Handlers:
         except QueryError as exc:
             yield failure(exc.status, str(exc)), None
             return
-        for match in matches:
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield 0xFF00, find_identifier(query, match)
+        if not send_find_pending(event, query, matches):
+            yield 0xFE00, None  # cancelled: PS3.4 C.4.1.3.2
 
     # -- C-MOVE / C-GET ---------------------------------------------------------------------
     def _items(self, event: Event) -> list[RetrieveItem]:

@@ -1,0 +1,96 @@
+"""C-FIND pending responses written straight to the association's socket.
+
+pynetdicom encodes every response's command set and identifier with pydicom and hands each PDU
+to its reactor thread; that costs more per match than the catalog query for all of them, which
+makes large result sets slow.  Here the command set (identical for every pending response) is
+encoded once, identifiers are encoded directly (:func:`server.dicom.response.encode_identifier`)
+and many responses leave in one ``send``.  The final response still goes through pynetdicom, so
+its state machine sees an ordinary exchange.
+
+PS3.7 9.1.2 (C-FIND-RSP command set), PS3.8 9.3.5 (P-DATA-TF PDU, PDV items).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from pydicom.uid import UID
+
+from server.catalog.search import Match
+from server.dicom.query import Query
+from server.dicom.response import encode_identifier, identifier_elements
+
+_FLUSH_BYTES = 64 * 1024  # also how often a C-CANCEL is noticed
+_COMMAND_LAST = 0x03  # message control header: command, last fragment
+_DATA_LAST = 0x02
+_DATA_MORE = 0x00
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def find_rsp_command(sop_class_uid: str, message_id: int, status: int = 0xFF00) -> bytes:
+    """An encoded C-FIND-RSP command set with a data set (implicit VR little endian)."""
+    uid = sop_class_uid.encode("ascii")
+    if len(uid) % 2:
+        uid += b"\0"
+    body = b"".join(
+        (
+            _implicit(0x00000002, uid),
+            _implicit(0x00000100, struct.pack("<H", 0x8020)),
+            _implicit(0x00000120, struct.pack("<H", message_id)),
+            _implicit(0x00000800, struct.pack("<H", 0x0000)),
+            _implicit(0x00000900, struct.pack("<H", status)),
+        )
+    )
+    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def _pdv(context_id: int, header: int, fragment: bytes) -> bytes:
+    return struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
+
+
+def _pdu(items: bytes) -> bytes:
+    return struct.pack(">BBI", 0x04, 0, len(items)) + items
+
+
+def pdata_message(context_id: int, command: bytes, data: bytes, max_length: int) -> bytes:
+    """One DIMSE message as P-DATA-TF PDUs no larger than the peer's maximum length."""
+    command_item = _pdv(context_id, _COMMAND_LAST, command)
+    data_item = _pdv(context_id, _DATA_LAST, data)
+    if not max_length or len(command_item) + len(data_item) <= max_length:
+        return _pdu(command_item + data_item)
+    out = [_pdu(command_item)]
+    room = max_length - 6
+    for start in range(0, len(data), room):
+        chunk = data[start : start + room]
+        last = start + room >= len(data)
+        out.append(_pdu(_pdv(context_id, _DATA_LAST if last else _DATA_MORE, chunk)))
+    return b"".join(out)
+
+
+def send_find_pending(event: Any, query: Query, matches: Iterable[Match]) -> bool:
+    """Write one pending response per match; False if the peer cancelled (C-CANCEL-FIND)."""
+    context = event.context
+    explicit = not UID(context.transfer_syntax).is_implicit_VR
+    max_length = int(event.assoc.requestor.maximum_length or 0)
+    command = find_rsp_command(str(event.request.AffectedSOPClassUID), event.request.MessageID)
+    send = event.assoc.dul.socket.send
+    buffer: list[bytes] = []
+    size = 0
+    for match in matches:
+        data = encode_identifier(identifier_elements(query, match), explicit)
+        message = pdata_message(context.context_id, command, data, max_length)
+        buffer.append(message)
+        size += len(message)
+        if size >= _FLUSH_BYTES:
+            send(b"".join(buffer))
+            buffer, size = [], 0
+            if event.is_cancelled:
+                return False
+    if buffer:
+        send(b"".join(buffer))
+    return not event.is_cancelled

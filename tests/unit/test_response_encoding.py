@@ -1,0 +1,78 @@
+"""The C-FIND fast path encodes identifiers by hand; it must produce pydicom's bytes exactly."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from server.catalog.search import Match
+from server.dicom.attributes import BY_KEYWORD, Level
+from server.dicom.query import Model, Query, constraint
+from server.dicom.response import encode_identifier, find_identifier, identifier_elements
+from server.dimse.fastpath import find_rsp_command, pdata_message
+
+
+def _query(*keywords: str, level: Level = Level.STUDY) -> Query:
+    cs = [constraint(BY_KEYWORD[k].tag, BY_KEYWORD[k].vr, [""]) for k in keywords]
+    cs.append(constraint(0x00080080, "LO", [""]))  # InstitutionName: not a catalog column
+    return Query(level, Model.STUDY_ROOT, tuple(cs))
+
+
+MATCHES = [
+    {
+        "PatientName": "DOE^JOHN",
+        "PatientID": "P1",
+        "StudyDate": "20200101",
+        "ModalitiesInStudy": "CT\\SR",
+        "NumberOfStudyRelatedInstances": 12,
+    },
+    {
+        "PatientName": "Müller^Jörg",
+        "PatientID": "P2",
+        "StudyDate": None,
+        "ModalitiesInStudy": "MR",
+        "NumberOfStudyRelatedInstances": 7,
+    },
+    {
+        "PatientName": "ODD",
+        "PatientID": "P33",
+        "StudyDate": "20200101",
+        "ModalitiesInStudy": None,
+        "NumberOfStudyRelatedInstances": 0,
+    },
+]
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("values", MATCHES)
+def test_encoding_matches_pydicom(values: dict[str, object], explicit: bool) -> None:
+    query = _query(*values)
+    match = Match(
+        Level.STUDY,
+        {BY_KEYWORD[k].tag: v for k, v in {**values, "StudyInstanceUID": "1.2.3.45"}.items()},
+        metadata={"00080080": {"vr": "LO", "Value": ["TEST HOSPITAL"]}},
+    )
+    ds = find_identifier(query, match)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, not explicit
+    write_dataset(fp, ds)
+    assert encode_identifier(identifier_elements(query, match), explicit) == fp.getvalue()
+    assert ds.QueryRetrieveLevel == "STUDY" and ds.InstitutionName == "TEST HOSPITAL"
+
+
+def test_pdata_fragments_respect_max_length() -> None:
+    command = find_rsp_command("1.2.840.10008.5.1.4.1.2.2.1", 7)
+    data = bytes(range(256)) * 10
+    message = pdata_message(3, command, data, max_length=300)
+    pdus, offset, payload = [], 0, b""
+    while offset < len(message):
+        kind, length = message[offset], int.from_bytes(message[offset + 2 : offset + 6], "big")
+        assert kind == 0x04 and length <= 300
+        item = message[offset + 6 : offset + 6 + length]
+        pdus.append(item)
+        if item[5] & 0x01 == 0:  # data fragment
+            payload += item[6:]
+        offset += 6 + length
+    assert payload == data
+    assert pdus[-1][5] == 0x02  # last data fragment flagged
