@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
@@ -28,6 +27,7 @@ from server.catalog.db import session
 from server.catalog.search import RetrieveItem, retrieve_items, search
 from server.dicom.query import Model, parse_identifier
 from server.dimse.fastpath import send_find_pending
+from server.dimse.retrieve import StoredFile
 from server.errors import IngestError, QueryError
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,12 @@ class Handlers:
                 yield 0xFE00, None
                 return
             path: Path = self.archive.storage.path_of(item.file_path)
-            try:
-                ds = dcmread(path)
-            except (OSError, ValueError) as exc:
-                log.error("cannot read %s for retrieval: %s", path, exc)
-                yield 0xFF00, None  # counted as a failed sub-operation
-                continue
-            yield 0xFF00, ds
+            yield (
+                0xFF00,
+                StoredFile(
+                    path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid
+                ),
+            )
 
     def move(self, event: Event) -> Iterator[Any]:
         """C-MOVE SCP (PS3.4 C.4.2): sub-operations to a destination known in ``peers.toml``."""

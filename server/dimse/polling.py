@@ -1,54 +1,111 @@
-"""Lower pynetdicom's polling latency without burning idle CPU.
+"""Event-driven waits for pynetdicom's reactor threads.
 
-pynetdicom's association and DUL threads poll their queues and sleep 1 ms between checks, so
-every DIMSE message waits up to a millisecond at each of several hand-offs: one association
-cannot exceed a few hundred C-STOREs per second however fast the handler is.  Here their
-``time.sleep`` becomes adaptive: right after a loop iteration that did real work the thread
-polls again within 50 µs, and the delay doubles back to pynetdicom's 1 ms while it stays idle,
-so an idle association costs what it did before.
+pynetdicom's DUL thread (socket I/O) and association thread (DIMSE dispatch) poll their queues
+and sleep 1 ms between checks, so every DIMSE message waits up to a millisecond at each of
+several hand-offs: one association cannot pass a few hundred C-STOREs per second however fast
+the handler is, and C-MOVE sub-operations crawl.  Their ``time.sleep`` is replaced here by waits
+that end as soon as there is something to do:
+
+* the DUL thread waits in ``select`` on its socket and on a wake-up socket pair that
+  ``send_pdu`` (something to send) writes to;
+* the association thread waits on an Event that the DIMSE provider sets when a complete message
+  has been queued.
+
+Timeouts stay at pynetdicom's 1 ms, so timers and release/abort checks behave as before and an
+idle association costs what it did.
 """
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 import threading
 import time
 from types import ModuleType
 from typing import Any
 
-_MIN_DELAY = 0.00005
-_MAX_DELAY = 0.001
-_WORK = 0.0002  # an iteration longer than this did something (decoded a PDU, ran a handler)
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+
+_POLL = 0.001
 
 
-class _AdaptiveSleep:
-    def __init__(self) -> None:
-        self._state = threading.local()
-
-    def __call__(self, seconds: float) -> None:
-        if seconds > _MAX_DELAY:  # deliberate waits (release grace periods) stay as they are
-            time.sleep(seconds)
-            return
-        state = self._state
-        now = time.perf_counter()
-        delay: float = getattr(state, "delay", _MIN_DELAY)
-        if now - getattr(state, "woke", 0.0) > _WORK:
-            delay = _MIN_DELAY
-        else:
-            delay = min(delay * 2, _MAX_DELAY)
-        state.delay = delay
-        time.sleep(delay)
-        state.woke = time.perf_counter()
+def _wakeup_pair(dul: Any) -> tuple[socket.socket, socket.socket]:
+    pair: tuple[socket.socket, socket.socket] | None = dul.__dict__.get("_wakeup")
+    if pair is None:
+        pair = socket.socketpair()
+        for end in pair:
+            end.setblocking(False)
+        pair = dul.__dict__.setdefault("_wakeup", pair)
+    return pair
 
 
-class _Time(ModuleType):
-    """Stands in for the ``time`` module inside pynetdicom's reactor modules."""
+def _dul_wait(dul: Any, timeout: float) -> None:
+    reader = _wakeup_pair(dul)[0]
+    fds: list[Any] = [reader]
+    transport = getattr(dul, "socket", None)
+    sock = getattr(transport, "socket", None)
+    if sock is not None and sock.fileno() >= 0:
+        fds.append(sock)
+    try:
+        ready, _, _ = select.select(fds, [], [], timeout)
+    except (OSError, ValueError):  # the socket was closed under us
+        time.sleep(timeout)
+        return
+    if reader in ready:
+        with contextlib.suppress(BlockingIOError, OSError):
+            reader.recv(4096)
+
+
+def _assoc_wait(assoc: Any, timeout: float) -> None:
+    if assoc.is_requestor:
+        # Our outgoing associations (C-MOVE sub-operations, `send`) pause their reactor from
+        # another thread before each request and spin until it notices; keep that hand-off
+        # short. They live only as long as the transfer.
+        time.sleep(0.00005)
+        return
+    event: threading.Event = assoc.__dict__.setdefault("_wake", threading.Event())
+    event.wait(timeout)
+    event.clear()
+
+
+class _ReactorTime(ModuleType):
+    """Stands in for ``time`` inside pynetdicom.dul and pynetdicom.association."""
 
     def __init__(self) -> None:
         super().__init__("time")
-        self.sleep = _AdaptiveSleep()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        thread = threading.current_thread()
+        if seconds == _POLL and isinstance(thread, DULServiceProvider):
+            _dul_wait(thread, _POLL)
+        elif seconds == _POLL and isinstance(thread, Association):
+            _assoc_wait(thread, _POLL)
+        else:  # deliberate waits and spin-waits stay as they are
+            time.sleep(seconds)
+
+
+_original_send_pdu = DULServiceProvider.send_pdu
+_original_receive_primitive = DIMSEServiceProvider.receive_primitive
+
+
+def _send_pdu(self: DULServiceProvider, primitive: Any) -> None:
+    _original_send_pdu(self, primitive)
+    with contextlib.suppress(BlockingIOError, OSError):
+        _wakeup_pair(self)[1].send(b"\0")
+
+
+def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
+    _original_receive_primitive(self, primitive)
+    event = self.assoc.__dict__.get("_wake")
+    if event is not None:
+        event.set()
 
 
 def install() -> None:
@@ -56,5 +113,7 @@ def install() -> None:
     import pynetdicom.dul
 
     for module in (pynetdicom.association, pynetdicom.dul):
-        if not isinstance(module.time, _Time):
-            module.time = _Time()  # type: ignore[attr-defined]
+        if not isinstance(module.time, _ReactorTime):
+            module.time = _ReactorTime()  # type: ignore[attr-defined]
+    DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
+    DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
