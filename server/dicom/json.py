@@ -4,32 +4,137 @@ Ingest stores each instance's header in this form so WADO-RS metadata and C-FIND
 catalog columns never reopen instance files.  Binary values above the threshold become
 ``BulkDataURI`` entries relative to the instance (``bulkdata/<tag>``); the web layer prefixes them
 with the instance's URL (PS3.18 8.6.2).
+
+:func:`to_json` is on the C-STORE path, so the common element kinds are converted straight from
+the raw bytes; anything unusual (other byte orders, ambiguous VRs, non-ASCII text in a
+non-UTF-8 character set, odd values) goes through pydicom's own converter, and a unit test holds
+the two to identical output.
 """
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import Any
 
 import orjson
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 BULK_DATA_THRESHOLD = 1024
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+_ASCII_TEXT = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
+_CHARSET_TEXT = frozenset({"LO", "SH", "UC"})
+_UNSPLIT_TEXT = frozenset({"LT", "ST", "UT", "UR"})
+_NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+_BINARY = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_UTF8_CHARSETS = (None, "", "ISO_IR 6", "ISO_IR 192")
 
 
 def _bulk_uri(element: DataElement) -> str:
     return f"bulkdata/{int(element.tag):08X}"
 
 
+class _Fallback(Exception):
+    """This element needs pydicom's converter."""
+
+
+def _text(data: bytes, utf8: bool) -> str:
+    if data.isascii():
+        return data.decode("ascii")
+    if utf8:
+        return data.decode("utf-8")
+    raise _Fallback
+
+
+def _split(text: str) -> list[str]:
+    parts = text.split("\\")
+    if any(not p.strip(" ") for p in parts) and len(parts) > 1:
+        raise _Fallback  # empty components: pydicom's rules for those are subtle
+    return parts
+
+
+def _raw_json(raw: RawDataElement, vr: str, utf8: bool) -> dict[str, Any]:
+    data: bytes = raw.value or b""
+    out: dict[str, Any] = {"vr": vr}
+    if vr in _BINARY:
+        if not data:
+            return out
+        if len(data) > (BULK_DATA_THRESHOLD // 4) * 3:  # pydicom's rule: base64 grows by 4/3
+            out["BulkDataURI"] = f"bulkdata/{int(raw.tag):08X}"
+        else:
+            out["InlineBinary"] = base64.b64encode(data).decode("ascii")
+        return out
+    if vr in _NUMBERS:
+        code = _NUMBERS[vr]
+        size = struct.calcsize(code)
+        if not data or len(data) % size:
+            raise _Fallback
+        values = list(struct.unpack(f"<{len(data) // size}{code}", data))
+        if vr in ("FL", "FD") and any(v != v or v in (float("inf"), float("-inf")) for v in values):
+            raise _Fallback  # NaN/inf are not JSON numbers
+        out["Value"] = values
+        return out
+    if vr == "AT":
+        if not data or len(data) % 4:
+            raise _Fallback
+        pairs = struct.unpack(f"<{len(data) // 2}H", data)
+        out["Value"] = [f"{pairs[i]:04X}{pairs[i + 1]:04X}" for i in range(0, len(pairs), 2)]
+        return out
+    if vr in _ASCII_TEXT or vr in _CHARSET_TEXT or vr == "PN" or vr in ("IS", "DS"):
+        text = _text(data, utf8 if vr not in _ASCII_TEXT else False)
+        text = text.rstrip("\0 ") if vr == "UI" else text.strip(" \0")
+        if not text:
+            return out
+        values = _split(text)
+        if vr == "PN":
+            out["Value"] = [_person_name(v) for v in values]
+        elif vr == "IS":
+            out["Value"] = [int(v) for v in values]
+        elif vr == "DS":
+            out["Value"] = [float(v) for v in values]
+        else:
+            out["Value"] = [v.strip(" ") for v in values]
+        return out
+    if vr in _UNSPLIT_TEXT:
+        text = _text(data, utf8).rstrip(" \0")
+        if text:
+            out["Value"] = [text]
+        return out
+    raise _Fallback
+
+
+def _person_name(value: str) -> dict[str, str]:
+    groups = value.strip(" ").split("=")
+    if len(groups) > 3:
+        raise _Fallback
+    return dict(zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False))
+
+
 def to_json(ds: Dataset) -> dict[str, Any]:
     """The dataset as a DICOM JSON object; large binary values are replaced by BulkDataURIs."""
-    data: dict[str, Any] = ds.to_json_dict(
-        bulk_data_threshold=BULK_DATA_THRESHOLD,
-        bulk_data_element_handler=_bulk_uri,
-        suppress_invalid_tags=True,
-    )
-    return data
+    charset = ds.get("SpecificCharacterSet")
+    utf8 = charset in _UTF8_CHARSETS
+    out: dict[str, Any] = {}
+    for tag in sorted(ds.keys()):
+        raw = ds.get_item(tag)
+        key = f"{int(tag):08X}"
+        try:
+            if not isinstance(raw, RawDataElement) or not raw.is_little_endian:
+                raise _Fallback
+            vr = raw.VR or dictionary_VR(tag)
+            if vr == "SQ" or " or " in vr or raw.length == 0xFFFFFFFF:
+                raise _Fallback
+            out[key] = _raw_json(raw, vr, utf8)
+        except (_Fallback, KeyError, ValueError, UnicodeDecodeError):
+            element = ds[tag]
+            if element.VR == "SQ":
+                out[key] = {"vr": "SQ", "Value": [to_json(item) for item in element.value]}
+                continue
+            out[key] = element.to_json_dict(_bulk_uri, BULK_DATA_THRESHOLD)
+    return out
 
 
 def dumps(data: dict[str, Any]) -> bytes:
