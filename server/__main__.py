@@ -30,32 +30,86 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides)
 
 
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> int:
+    print(
+        f"cannot listen on {settings.bind_address}:{settings.dimse_port}: {exc.strerror or exc}",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.archive import close_archive, open_archive
-    from server.dimse.ae import start_dimse
+    from server.dimse import workers
 
     settings = _settings(args)
-    archive = open_archive(settings)
+    archive = open_archive(settings)  # recovery runs here, before any worker writes
+    count = workers.worker_count(settings)
+    if count == 1:
+        return _serve_in_process(archive)
+    close_archive()  # the parent only supervises; it keeps its writers lock (archive.lock_fd)
+    try:
+        sock = workers.listen(settings)
+    except OSError as exc:
+        return _cannot_listen(settings, exc)
+    supervisor = workers.Supervisor(workers.worker_argv(args.config, settings), sock, count)
+    supervisor.start()
+    host, port = sock.getsockname()[:2]
+    print(
+        f"DICOM AE {settings.ae_title} listening on {host}:{port} ({count} worker processes); "
+        f"data in {settings.data_dir.resolve()}; catalog {settings.catalog_url.split('@')[-1]}",
+        flush=True,
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: supervisor.stopping.set())
+    code = supervisor.run()
+    print("shutting down", flush=True)
+    supervisor.stop()
+    return code
+
+
+def _serve_in_process(archive: Any) -> int:
+    from server.archive import close_archive
+    from server.dimse.ae import start_dimse
+
+    settings = archive.settings
     try:
         server = start_dimse(archive)
     except OSError as exc:
-        print(
-            f"cannot listen on {settings.bind_address}:{settings.dimse_port}: "
-            f"{exc.strerror or exc}",
-            file=sys.stderr,
-        )
-        return 2
+        return _cannot_listen(settings, exc)
     host, port = server.server_address[:2]
     print(
         f"DICOM AE {settings.ae_title} listening on {host}:{port}; data in "
         f"{settings.data_dir.resolve()}; catalog {settings.catalog_url.split('@')[-1]}",
         flush=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    _wait_for_signal()
     print("shutting down", flush=True)
+    server.shutdown()
+    close_archive()
+    return 0
+
+
+def cmd_dimse_worker(args: argparse.Namespace) -> int:
+    """One worker process of ``serve`` (started by it, not by hand)."""
+    from server.archive import close_archive, open_archive
+    from server.dimse import workers
+    from server.dimse.ae import start_dimse
+
+    workers.die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    archive = open_archive(_settings(args))
+    server = start_dimse(archive, listen_fd=args.listen_fd)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
     server.shutdown()
     close_archive()
     return 0
@@ -237,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--to", required=True, help="AE title from peers.toml")
     send.add_argument("what", help="a file or folder, or a Study/Series/SOP Instance UID")
     send.set_defaults(func=cmd_send)
+
+    worker = sub.add_parser("dimse-worker", help=argparse.SUPPRESS)
+    common(worker)
+    worker.add_argument("--dimse-port", type=int, default=None)
+    worker.add_argument("--listen-fd", type=int, required=True)
+    worker.add_argument("--parent-pid", type=int, required=True)
+    worker.set_defaults(func=cmd_dimse_worker)
 
     ech = sub.add_parser("echo", help="C-ECHO a peer from peers.toml")
     common(ech)

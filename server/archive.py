@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from server.catalog import writer
 from server.catalog.db import database, make_database, session
@@ -20,6 +23,24 @@ class Archive:
     settings: Settings
     storage: Storage
     ingestor: Ingestor
+    lock_fd: int = -1
+
+
+def _writers_lock(data_dir: Path) -> tuple[int, bool]:
+    """Join the processes writing to this data directory; True if we are the only one.
+
+    Every writer (server workers, ``import``) holds a shared lock on ``writers.lock``. Crash
+    recovery deletes files whose catalog commit never happened, which would destroy another
+    process's write in flight, so it runs only while the exclusive lock can be had.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "writers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    return fd, alone
 
 
 def open_archive(settings: Settings) -> Archive:
@@ -30,11 +51,14 @@ def open_archive(settings: Settings) -> Archive:
     with session():
         create_schema()
     storage = Storage(settings.data_dir)
-    with session():
-        kept, removed = storage.recover(writer.committed_path)
-    if kept or removed:
-        log.warning("recovered interrupted writes: %d kept, %d orphan files removed", kept, removed)
-    return Archive(settings, storage, Ingestor(storage, duplicates=settings.duplicates))
+    fd, alone = _writers_lock(storage.root)
+    if alone:
+        with session():
+            kept, removed = storage.recover(writer.committed_path)
+        if kept or removed:
+            log.warning("recovered interrupted writes: %d kept, %d orphans removed", kept, removed)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return Archive(settings, storage, Ingestor(storage, duplicates=settings.duplicates), fd)
 
 
 def close_archive() -> None:

@@ -45,6 +45,7 @@ class Settings:
     http_bind_address: str = "127.0.0.1"
     max_pdu: int = 0
     max_associations: int = 32
+    dimse_workers: int = 0  # processes accepting associations; 0 = one per core, at most 4
     accept_unknown_calling_aes: bool = True
     unknown_aes_may_query: bool = True
     unknown_aes_may_retrieve: bool = True
@@ -78,6 +79,7 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("ae", "bind"): ("bind_address", str),
     ("ae", "max_pdu"): ("max_pdu", int),
     ("ae", "max_associations"): ("max_associations", int),
+    ("ae", "workers"): ("dimse_workers", int),
     ("ae", "accept_unknown_calling_aes"): ("accept_unknown_calling_aes", bool),
     ("ae", "unknown_aes_may_query"): ("unknown_aes_may_query", bool),
     ("ae", "unknown_aes_may_retrieve"): ("unknown_aes_may_retrieve", bool),
@@ -288,6 +290,8 @@ def load_settings(
         raise ConfigError(
             "sqlite_synchronous must be FULL, EXTRA or NORMAL", where_of["sqlite_synchronous"]
         )
+    if plain.get("dimse_workers", 0) < 0:
+        raise ConfigError("workers must be 0 (one per core) or more", where_of["dimse_workers"])
     if plain.get("max_pdu", 0) < 0:
         raise ConfigError("max_pdu must be 0 (unlimited) or a positive size", where_of["max_pdu"])
     data_dir = plain.get("data_dir", Settings.data_dir)

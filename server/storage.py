@@ -118,7 +118,7 @@ class Storage:
                     candidate.unlink(missing_ok=True)
                     removed += 1
             part.unlink(missing_ok=True)
-        for stray in self.tmp.iterdir():
+        for stray in self.tmp.iterdir():  # only called with no other writer running
             if stray.is_file():
                 stray.unlink(missing_ok=True)
         return kept, removed

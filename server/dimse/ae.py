@@ -112,14 +112,36 @@ def event_handlers(archive: Archive) -> Any:
     ]
 
 
-def start_dimse(archive: Archive) -> NoDelayServer:
-    """Start listening in a background thread; the caller shuts the returned server down."""
+class InheritedSocketServer(NoDelayServer):
+    """Accepts on a listening socket created by the parent process (see dimse/workers.py)."""
+
+    listen_fd = -1
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = socket.socket(fileno=self.listen_fd)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # the parent already called listen()
+
+
+def start_dimse(archive: Archive, listen_fd: int | None = None) -> NoDelayServer:
+    """Start serving in a background thread; the caller shuts the returned server down.
+
+    With ``listen_fd`` the AE accepts on that inherited socket instead of binding its own.
+    """
     settings = archive.settings
     ae = build_ae(settings)
+    server_class: type[NoDelayServer] = NoDelayServer
+    if listen_fd is not None:
+        server_class = type("Inherited", (InheritedSocketServer,), {"listen_fd": listen_fd})
     server = ae.make_server(
         (settings.bind_address, settings.dimse_port),
         evt_handlers=event_handlers(archive),
-        server_class=NoDelayServer,
+        server_class=server_class,
     )
     # make_server() does not register the server with the AE (start_server() does), and
     # AssociationServer.shutdown() expects to find itself there.

@@ -1,0 +1,123 @@
+"""Several DIMSE worker processes accepting on one listening socket.
+
+pynetdicom runs each association on a thread, and the GIL serialises them: one process uses one
+core however many modalities send at once.  ``serve`` therefore binds the port itself (so a port
+already in use is a clear error, and no second server can silently share it as SO_REUSEPORT
+would allow) and starts worker processes that inherit the socket and accept from it; the kernel
+hands each new association to one of them.  Workers die with the parent (PR_SET_PDEATHSIG), so
+killing the server kills all of it, and the parent restarts a worker that dies on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def worker_count(settings: Settings) -> int:
+    if settings.dimse_workers > 0:
+        return settings.dimse_workers
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def listen(settings: Settings) -> socket.socket:
+    """The shared listening socket (raises OSError when the port is taken)."""
+    family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.bind_address, settings.dimse_port))
+    sock.listen(128)
+    # Non-blocking: when two workers wake for one connection, the loser's accept() fails at
+    # once (socketserver ignores that) instead of hanging its acceptor thread.
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the parent dies (a SIGKILLed server leaves nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Supervisor:
+    """Starts the workers, restarts any that die, and stops them all on request."""
+
+    def __init__(self, argv: Sequence[str], sock: socket.socket, count: int) -> None:
+        self.argv = list(argv)
+        self.sock = sock
+        self.count = count
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.stopping = threading.Event()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        fd = self.sock.fileno()
+        cmd = [*self.argv, "--listen-fd", str(fd), "--parent-pid", str(os.getpid())]
+        return subprocess.Popen(cmd, pass_fds=(fd,))
+
+    def start(self) -> None:
+        self.procs = [self._spawn() for _ in range(self.count)]
+
+    def run(self) -> int:
+        """Block until stopped; returns 2 if the workers cannot start."""
+        started = time.monotonic()
+        while not self.stopping.wait(0.5):
+            for n, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is None:
+                    continue
+                if time.monotonic() - started < 10 and code == 2:
+                    log.error("DIMSE worker failed to start (exit %d)", code)
+                    self.stop()
+                    return 2
+                log.error("DIMSE worker %d exited with %s; restarting it", proc.pid, code)
+                self.procs[n] = self._spawn()
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def worker_argv(args_config: str | None, settings: Settings) -> list[str]:
+    """The command line of one worker: the same settings, passed explicitly."""
+    argv = [sys.executable, "-m", "server"]
+    if args_config:
+        argv += ["--config", args_config]
+    argv += [
+        "dimse-worker",
+        "--data-dir",
+        str(settings.data_dir),
+        "--ae-title",
+        settings.ae_title,
+        "--dimse-port",
+        str(settings.dimse_port),
+    ]
+    if settings.database_url:
+        argv += ["--database-url", settings.database_url]
+    return argv

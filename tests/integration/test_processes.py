@@ -1,0 +1,110 @@
+"""The process model: worker processes on one socket, the single-process mode, and recovery
+that never runs while another process may be writing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.dcmtk import findscu, storescu
+from tests.helpers import ROOT, ServerProcess, echo, have, write_config
+from tools.generate import StudySpec, small_instance, write
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def _files(tmp_path: Path, n: int) -> Path:
+    for k in range(n):
+        write(small_instance(StudySpec(patient_id=f"PROC{k}")), tmp_path / "files")
+    return tmp_path / "files"
+
+
+def test_single_process_mode(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg", server="[ae]\nworkers = 1\n")
+    server = ServerProcess(tmp_path / "data", config).start()
+    try:
+        assert server.proc is not None and _children(server.proc.pid) == []
+        if have("storescu"):
+            storescu(server.port, [_files(tmp_path, 3)], "+sd")
+            rsps, _ = findscu(server.port, "STUDY", {"PatientID": "PROC*"})
+            assert len(rsps) == 3
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+
+
+def test_workers_restart_and_die_with_parent(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg", server="[ae]\nworkers = 2\n")
+    server = ServerProcess(tmp_path / "data", config).start()
+    assert server.proc is not None
+    deadline = time.monotonic() + 30
+    while len(_children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _children(server.proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)  # a worker crashes: the parent starts another
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = _children(server.proc.pid)
+        if len(now) == 2 and workers[0] not in now and all(echo(server.port) for _ in range(4)):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"worker not replaced: {now}\n{server.log()}")
+    workers = _children(server.proc.pid)
+    server.kill()  # SIGKILL the parent: no worker may survive it
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers)
+    assert not echo(server.port)
+
+
+def test_import_beside_a_running_server_skips_recovery(tmp_path: Path) -> None:
+    """Recovery deletes uncommitted files; with a server writing, that would eat its writes."""
+    config = write_config(tmp_path / "cfg")
+    server = ServerProcess(tmp_path / "data", config).start()
+    in_flight = tmp_path / "data" / "tmp" / f"{'ab' * 32}.123456789abc.part"
+    in_flight.write_bytes(b"a write the server has not committed yet")
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "import",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(tmp_path / "data"),
+                str(_files(tmp_path, 1)),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "1 stored" in result.stdout
+        assert in_flight.exists()
+    finally:
+        server.stop()
+    server.start()  # alone now: recovery resolves the leftover
+    server.stop()
+    assert not in_flight.exists()
