@@ -254,3 +254,75 @@ def test_port_in_use_is_a_clear_error(server: ServerProcess, tmp_path: Path) -> 
     )
     assert result.returncode == 2
     assert f"cannot listen on 0.0.0.0:{server.port}" in result.stderr
+
+
+def test_duplicate_policy_replace(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Policy 'replace': the second copy wins, even when it moved to another series; the old
+    series disappears and the counters follow. One file, one row."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    server = server_factory("", server_toml='[storage]\nduplicates = "replace"\n', name="replace")
+    ds = small_instance(StudySpec())
+    old_series = ds.SeriesInstanceUID
+    ae = AE()
+    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian])
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING")
+    assert assoc.send_c_store(ds).Status == 0
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesDescription = "corrected"
+    assert assoc.send_c_store(ds).Status == 0
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = ds.StudyInstanceUID
+    query.SeriesInstanceUID = ""
+    query.NumberOfSeriesRelatedInstances = ""
+    series = [r for s, r in assoc.send_c_find(query, FIND) if s.Status == 0xFF00]
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ds.StudyInstanceUID
+    query.NumberOfStudyRelatedSeries = ""
+    query.NumberOfStudyRelatedInstances = ""
+    study = [r for s, r in assoc.send_c_find(query, FIND) if s.Status == 0xFF00]
+    assoc.release()
+    assert [r.SeriesInstanceUID for r in series] == [ds.SeriesInstanceUID] != [old_series]
+    assert int(series[0].NumberOfSeriesRelatedInstances) == 1
+    assert int(study[0].NumberOfStudyRelatedSeries) == 1
+    assert int(study[0].NumberOfStudyRelatedInstances) == 1
+    files = _stored_files(server)
+    assert len(files) == 1
+    assert dcmread(files[0]).SeriesDescription == "corrected"
+
+
+def test_move_counts(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """C-MOVE reports completed and failed sub-operations (PS3.4 C.4.2.1.4): a destination that
+    is listed but not listening fails them all."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    from tests.helpers import free_port, storescp
+
+    good, dead = free_port(), free_port()
+    server = server_factory("", peers=(("GOOD", good), ("DEAD", dead)), name="mover")
+    spec = StudySpec()
+    ae = AE()
+    datasets = [small_instance(spec, number=n) for n in range(3)]
+    ae.add_requested_context(datasets[0].SOPClassUID, [ExplicitVRLittleEndian])
+    ae.add_requested_context(MOVE)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING")
+    for ds in datasets:
+        assert assoc.send_c_store(ds).Status == 0
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = spec.study_uid
+    with storescp(tmp_path / "moved", "GOOD", good):
+        responses = list(assoc.send_c_move(query, "GOOD", MOVE))
+    final = responses[-1][0]
+    assert final.Status == 0x0000
+    assert final.NumberOfCompletedSuboperations == 3
+    assert [s.Status for s, _ in responses[:-1]] == [0xFF00] * 3
+    assert len(list((tmp_path / "moved").iterdir())) == 3
+    responses = list(assoc.send_c_move(query, "DEAD", MOVE))
+    assoc.release()
+    assert responses[-1][0].Status in (0xA801, 0xA702)  # destination unreachable

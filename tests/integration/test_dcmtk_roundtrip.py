@@ -164,36 +164,79 @@ def test_store_find_move_get(
     assert dcmread(fetched[original.SOPInstanceUID]).PixelData == original.PixelData
 
 
-def test_compressed_transfer_syntaxes_are_kept(
+def _fake_j2k(src: Path, dst: Path) -> None:
+    """A JPEG 2000 instance: ingest never decodes pixels, so opaque fragments will do (DCMTK
+    3.6.7 has no JPEG 2000 encoder)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+
+    ds = dcmread(src)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(1000)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(dst, enforce_file_format=True)
+
+
+# (how to make the copy, storescu's option to propose that syntax, the syntax)
+SYNTAXES = [
+    (["dcmcjpls", "+ua"], "-xt", "1.2.840.10008.1.2.4.80"),  # JPEG-LS lossless
+    (["dcmcjpeg", "+ua"], "-xs", "1.2.840.10008.1.2.4.70"),  # JPEG lossless SV1 (process 14)
+    (["dcmcjpeg", "+ua", "+eb"], "-xy", "1.2.840.10008.1.2.4.50"),  # JPEG baseline (8 bit)
+    (["dcmcrle", "+ua"], "-xr", "1.2.840.10008.1.2.5"),  # RLE lossless
+    (["dcmconv", "+td"], "-xd", "1.2.840.10008.1.2.1.99"),  # deflated explicit VR LE
+    (["dcmconv", "+tb"], "-xb", "1.2.840.10008.1.2.2"),  # explicit VR big endian
+    (None, "-xv", "1.2.840.10008.1.2.4.90"),  # JPEG 2000 lossless
+]
+
+
+def test_transfer_syntaxes_are_kept(
     database_url: str, ct_study: Path, server_factory, tmp_path: Path
 ) -> None:
-    """JPEG-LS and JPEG lossless copies (dcmcjpls, dcmcjpeg) keep the syntax they came in."""
-    sources = sorted(ct_study.iterdir())[:4]
-    compressed: dict[str, str] = {}
-    for tool, ts in (
-        ("dcmcjpls", "1.2.840.10008.1.2.4.80"),
-        ("dcmcjpeg", "1.2.840.10008.1.2.4.70"),
-    ):
-        for n, src in enumerate(sources):
-            dst = tmp_path / f"{tool}-{n}.dcm"
-            result = run([tool, "+ua", str(src), str(dst)])
-            assert result.returncode == 0, result.stderr
-            ds = dcmread(dst, stop_before_pixels=True)
-            assert ds.file_meta.TransferSyntaxUID == ts
-            compressed[str(ds.SOPInstanceUID)] = ts
+    """Copies in the common transfer syntaxes are accepted and stored in the syntax they came in.
+
+    storescu proposes uncompressed syntaxes unless told which compressed one to offer."""
+    from pydicom.uid import generate_uid
+
+    sources = sorted(ct_study.iterdir())[:3]
     server = server_factory(database_url)
-    # storescu proposes uncompressed syntaxes unless told which compressed one to offer
-    storescu(server.port, sorted(tmp_path.glob("dcmcjpls*.dcm")), "-R", "-xt")
-    storescu(server.port, sorted(tmp_path.glob("dcmcjpeg*.dcm")), "-R", "-xs")
+    expected: dict[str, str] = {}
+    for tool, option, syntax in SYNTAXES:
+        folder = tmp_path / syntax
+        folder.mkdir()
+        for n, src in enumerate(sources):
+            dst = folder / f"{n}.dcm"
+            if tool is None:
+                _fake_j2k(src, dst)
+            else:
+                if tool[0] == "dcmcjpeg" and "+eb" in tool:
+                    ds8 = dcmread(src)  # baseline JPEG is 8-bit: make an 8-bit source
+                    ds8.BitsAllocated, ds8.BitsStored, ds8.HighBit = 8, 8, 7
+                    ds8.PixelData = bytes(len(ds8.PixelData) // 2)
+                    src = folder / f"src{n}.dcm"
+                    ds8.save_as(src)
+                if tool[0] == "dcmconv":  # keeps UIDs: give the copy its own
+                    ds = dcmread(src)
+                    ds.SOPInstanceUID = generate_uid()
+                    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                    src = folder / f"src{n}.dcm"
+                    ds.save_as(src)
+                result = run([*tool, str(src), str(dst)])
+                assert result.returncode == 0, result.stderr
+            ds = dcmread(dst, stop_before_pixels=True)
+            assert ds.file_meta.TransferSyntaxUID == syntax
+            expected[str(ds.SOPInstanceUID)] = syntax
+        storescu(server.port, sorted(folder.glob("[0-9].dcm")), "-R", option)
     stored = {}
     for path in (server.data_dir / "instances").rglob("*.dcm"):
         ds = dcmread(path, stop_before_pixels=True)
         stored[str(ds.SOPInstanceUID)] = str(ds.file_meta.TransferSyntaxUID)
-    assert stored == compressed
+    assert stored == expected
     rsps, _ = findscu(
         server.port, "IMAGE", {"StudyInstanceUID": _study_uid(ct_study), "SOPInstanceUID": ""}
     )
-    assert {str(r.SOPInstanceUID) for r in rsps} == set(compressed)
+    assert {str(r.SOPInstanceUID) for r in rsps} == set(expected)
 
 
 def test_send_and_echo_commands(
