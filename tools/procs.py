@@ -260,11 +260,14 @@ class OurServer:
 
 
 @contextmanager
-def storescp(directory: Path, ae_title: str = "STORESCP", port: int | None = None) -> Iterator[int]:
+def storescp(
+    directory: Path, ae_title: str = "STORESCP", port: int | None = None, *extra: str
+) -> Iterator[int]:
     """DCMTK's storescp as a C-MOVE destination (TCP_NODELAY=1, 128 KiB PDUs)."""
     port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
-    cmd = [dcmtk("storescp"), "-aet", ae_title, "-od", str(directory), "-pdu", "131072", str(port)]
+    cmd = [dcmtk("storescp"), "-aet", ae_title, "-od", str(directory), "-pdu", "131072", *extra]
+    cmd.append(str(port))
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.DEVNULL,

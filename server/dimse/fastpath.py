@@ -28,7 +28,7 @@ _DATA_LAST = 0x02
 _DATA_MORE = 0x00
 
 
-def _implicit(tag: int, value: bytes) -> bytes:
+def implicit_element(tag: int, value: bytes) -> bytes:
     return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
 
 
@@ -39,14 +39,14 @@ def find_rsp_command(sop_class_uid: str, message_id: int, status: int = 0xFF00) 
         uid += b"\0"
     body = b"".join(
         (
-            _implicit(0x00000002, uid),
-            _implicit(0x00000100, struct.pack("<H", 0x8020)),
-            _implicit(0x00000120, struct.pack("<H", message_id)),
-            _implicit(0x00000800, struct.pack("<H", 0x0000)),
-            _implicit(0x00000900, struct.pack("<H", status)),
+            implicit_element(0x00000002, uid),
+            implicit_element(0x00000100, struct.pack("<H", 0x8020)),
+            implicit_element(0x00000120, struct.pack("<H", message_id)),
+            implicit_element(0x00000800, struct.pack("<H", 0x0000)),
+            implicit_element(0x00000900, struct.pack("<H", status)),
         )
     )
-    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
+    return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
 
 
 def _pdv(context_id: int, header: int, fragment: bytes) -> bytes:

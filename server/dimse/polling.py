@@ -9,7 +9,8 @@ that end as soon as there is something to do:
 * the DUL thread waits in ``select`` on its socket and on a wake-up socket pair that
   ``send_pdu`` (something to send) writes to;
 * the association thread waits on an Event that the DIMSE provider sets when a complete message
-  has been queued.
+  has been queued; :func:`park` holds it there while our own code exchanges messages on the
+  association (the C-MOVE/C-GET fast path).
 
 Timeouts stay at pynetdicom's 1 ms, so timers and release/abort checks behave as before and an
 idle association costs what it did.
@@ -22,6 +23,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -59,16 +61,52 @@ def _dul_wait(dul: Any, timeout: float) -> None:
             reader.recv(4096)
 
 
+class _Park:
+    """Lets another thread hold an association's reactor inside its wait (see park())."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()  # something to do: stop waiting
+        self.want = threading.Event()  # a sender wants the reactor parked
+        self.parked = threading.Event()  # the reactor is parked
+        self.released = threading.Event()
+
+
+def _park_of(assoc: Any) -> _Park:
+    park: _Park = assoc.__dict__.setdefault("_park", _Park())
+    return park
+
+
 def _assoc_wait(assoc: Any, timeout: float) -> None:
-    if assoc.is_requestor:
-        # Our outgoing associations (C-MOVE sub-operations, `send`) pause their reactor from
-        # another thread before each request and spin until it notices; keep that hand-off
-        # short. They live only as long as the transfer.
-        time.sleep(0.00005)
+    park = _park_of(assoc)
+    park.wake.wait(timeout)
+    park.wake.clear()
+    while park.want.is_set() and not assoc._kill:
+        park.parked.set()
+        park.released.wait(0.01)
+    park.parked.clear()
+
+
+@contextlib.contextmanager
+def park(assoc: Any, timeout: float = 2.0) -> Iterator[bool]:
+    """Hold the association's reactor thread inside its wait, so that the caller can exchange
+    messages on it without the reactor taking the response off the queue.
+
+    Yields False (and holds nothing) if the reactor did not park in time. Unlike pynetdicom's
+    own pause flag, this cannot be fooled by a reactor that is between two checks.
+    """
+    if threading.current_thread() is assoc:
+        yield True  # called from the reactor itself (C-GET sub-operations): it is not polling
         return
-    event: threading.Event = assoc.__dict__.setdefault("_wake", threading.Event())
-    event.wait(timeout)
-    event.clear()
+    state = _park_of(assoc)
+    state.released.clear()
+    state.want.set()
+    state.wake.set()
+    parked = state.parked.wait(timeout)
+    try:
+        yield parked
+    finally:
+        state.want.clear()
+        state.released.set()
 
 
 class _ReactorTime(ModuleType):
@@ -103,9 +141,9 @@ def _send_pdu(self: DULServiceProvider, primitive: Any) -> None:
 
 def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
     _original_receive_primitive(self, primitive)
-    event = self.assoc.__dict__.get("_wake")
-    if event is not None:
-        event.set()
+    state = self.assoc.__dict__.get("_park")
+    if state is not None:
+        state.wake.set()
 
 
 def install() -> None:

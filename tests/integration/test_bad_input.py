@@ -299,12 +299,14 @@ def test_duplicate_policy_replace(server_factory) -> None:  # type: ignore[no-un
 def test_move_counts(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """C-MOVE reports completed and failed sub-operations (PS3.4 C.4.2.1.4): a destination that
     is listed but not listening fails them all."""
+    from pydicom import dcmread
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
     from tests.helpers import free_port, storescp
 
-    good, dead = free_port(), free_port()
-    server = server_factory("", peers=(("GOOD", good), ("DEAD", dead)), name="mover")
+    good, dead, implicit = free_port(), free_port(), free_port()
+    peers = (("GOOD", good), ("DEAD", dead), ("IMPLICIT", implicit))
+    server = server_factory("", peers=peers, name="mover")
     spec = StudySpec()
     ae = AE()
     datasets = [small_instance(spec, number=n) for n in range(3)]
@@ -322,7 +324,17 @@ def test_move_counts(server_factory, tmp_path: Path) -> None:  # type: ignore[no
     assert final.Status == 0x0000
     assert final.NumberOfCompletedSuboperations == 3
     assert [s.Status for s, _ in responses[:-1]] == [0xFF00] * 3
-    assert len(list((tmp_path / "moved").iterdir())) == 3
+    moved = {str(dcmread(p).SOPInstanceUID): dcmread(p) for p in (tmp_path / "moved").iterdir()}
+    assert {ds.SOPInstanceUID: ds.PixelData for ds in datasets} == {
+        uid: ds.PixelData for uid, ds in moved.items()
+    }
+    # a destination that takes only Implicit VR: the stored Explicit VR files are converted
+    with storescp(tmp_path / "implicit", "IMPLICIT", implicit, "+xi"):
+        responses = list(assoc.send_c_move(query, "IMPLICIT", MOVE))
+    assert responses[-1][0].Status == 0x0000
+    converted = [dcmread(p) for p in (tmp_path / "implicit").iterdir()]
+    assert len(converted) == 3
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in converted} == {"1.2.840.10008.1.2"}
     responses = list(assoc.send_c_move(query, "DEAD", MOVE))
     assoc.release()
     assert responses[-1][0].Status in (0xA801, 0xA702)  # destination unreachable
