@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import signal
@@ -178,6 +179,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(
         f"{len(files)} files: {counts['stored']} stored, {counts['replaced']} replaced, "
         f"{counts['duplicate']} duplicate, {counts['rejected']} rejected"
+    )
+    archive.audit.record(
+        "import",
+        f"local:{getpass.getuser()}",
+        "ok" if not counts["rejected"] else "partial",
+        paths=[str(p) for p in args.paths],
+        files=len(files),
+        **counts,
     )
     close_archive()
     return 1 if counts["rejected"] and not (counts["stored"] or counts["duplicate"]) else 0

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.audit import AuditLog
 from server.catalog import writer
 from server.catalog.db import database, make_database, session
 from server.catalog.schema import create_schema
@@ -23,6 +24,7 @@ class Archive:
     settings: Settings
     storage: Storage
     ingestor: Ingestor
+    audit: AuditLog
     lock_fd: int = -1
 
 
@@ -58,7 +60,8 @@ def open_archive(settings: Settings) -> Archive:
         if kept or removed:
             log.warning("recovered interrupted writes: %d kept, %d orphans removed", kept, removed)
     fcntl.flock(fd, fcntl.LOCK_SH)
-    return Archive(settings, storage, Ingestor(storage, duplicates=settings.duplicates), fd)
+    ingestor = Ingestor(storage, duplicates=settings.duplicates)
+    return Archive(settings, storage, ingestor, AuditLog(storage.root / "audit.log"), fd)
 
 
 def close_archive() -> None:

@@ -109,6 +109,7 @@ def event_handlers(archive: Archive) -> Any:
         (evt.EVT_C_FIND, h.find),
         (evt.EVT_C_MOVE, h.move),
         (evt.EVT_C_GET, h.get),
+        (evt.EVT_CONN_CLOSE, h.closed),
     ]
 
 

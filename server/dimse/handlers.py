@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (
 from server.archive import Archive
 from server.catalog.db import session
 from server.catalog.search import RetrieveItem, retrieve_items, search
-from server.dicom.query import Model, parse_identifier
+from server.dicom.query import Model, Query, parse_identifier
 from server.dimse.fastpath import send_find_pending
 from server.dimse.retrieve import StoredFile
 from server.errors import IngestError, QueryError
@@ -51,10 +51,52 @@ def _calling(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
+def _peer(event: Event) -> str:
+    return f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+
+
+def _keys(query: Query) -> dict[str, str]:
+    """The matching keys of a query, for the audit trail."""
+    return {
+        c.keyword: "\\".join(t.value + (f"-{t.upper}" if t.upper else "") for t in c.terms)
+        for c in query.matching
+    }
+
+
+class _StoreTally:
+    """What one association stored, summarised into one audit line when it closes."""
+
+    def __init__(self) -> None:
+        self.studies: set[str] = set()
+        self.stored = 0
+        self.duplicates = 0
+        self.refused = 0
+
+
 class Handlers:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         self.settings = archive.settings
+        self.audit = archive.audit
+        self._tallies: dict[int, _StoreTally] = {}
+
+    def _tally(self, event: Event) -> _StoreTally:
+        return self._tallies.setdefault(id(event.assoc), _StoreTally())
+
+    def closed(self, event: Event) -> None:
+        """EVT_CONN_CLOSE: write the association's store summary to the audit trail."""
+        tally = self._tallies.pop(id(event.assoc), None)
+        if tally is not None:
+            self.audit.record(
+                "dimse.store",
+                _calling(event),
+                "ok" if not tally.refused else "partial",
+                peer=_peer(event),
+                studies=sorted(tally.studies),
+                stored=tally.stored,
+                duplicates=tally.duplicates,
+                refused=tally.refused,
+            )
 
     # -- permissions ------------------------------------------------------------------------
     def _may(self, event: Event, what: str) -> bool:
@@ -70,10 +112,12 @@ class Handlers:
     # -- C-STORE ----------------------------------------------------------------------------
     def store(self, event: Event) -> int | Dataset:
         """C-STORE SCP (PS3.4 B.2): 0x0000 only once the file and the catalog row are durable."""
+        tally = self._tally(event)
         if not self._may(event, "store"):
+            tally.refused += 1
             return failure(0xA700, f"{_calling(event)} may not store here")
         try:
-            self.archive.ingestor.ingest(
+            result = self.archive.ingestor.ingest(
                 event.encoded_dataset(include_meta=True),
                 source=f"dimse:{_calling(event)}",
                 expect_sop_class=str(event.context.abstract_syntax),
@@ -82,7 +126,13 @@ class Handlers:
             )
         except IngestError as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", _calling(event), exc.status, exc)
+            tally.refused += 1
             return failure(exc.status, str(exc))
+        tally.studies.add(result.study_instance_uid)
+        if result.outcome == "duplicate":
+            tally.duplicates += 1
+        else:
+            tally.stored += 1
         return 0x0000
 
     # -- C-FIND -----------------------------------------------------------------------------
@@ -93,6 +143,7 @@ class Handlers:
     def find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """C-FIND SCP (PS3.4 C.4.1): one pending response per match, then success."""
         if not self._may(event, "query"):
+            self.audit.record("dimse.find", _calling(event), "denied", peer=_peer(event))
             yield failure(0xC001, f"{_calling(event)} may not query"), None
             return
         try:
@@ -106,18 +157,38 @@ class Handlers:
         except QueryError as exc:
             yield failure(exc.status, str(exc)), None
             return
+        self.audit.record(
+            "dimse.find",
+            _calling(event),
+            peer=_peer(event),
+            level=query.level.name,
+            keys=_keys(query),
+            results=len(matches),
+        )
         if not send_find_pending(event, query, matches):
             yield 0xFE00, None  # cancelled: PS3.4 C.4.1.3.2
 
     # -- C-MOVE / C-GET ---------------------------------------------------------------------
-    def _items(self, event: Event) -> list[RetrieveItem]:
+    def _items(
+        self, event: Event, action: str, destination: str | None = None
+    ) -> list[RetrieveItem]:
         query = parse_identifier(
             event.identifier,
             self._model(event),
             case_insensitive_pn=self.settings.case_insensitive_pn,
         )
         with session():
-            return retrieve_items(query)
+            items = retrieve_items(query)
+        self.audit.record(
+            action,
+            _calling(event),
+            peer=_peer(event),
+            destination=destination,
+            level=query.level.name,
+            keys=_keys(query),
+            instances=len(items),
+        )
+        return items
 
     def _datasets(
         self, event: Event, items: list[RetrieveItem]
@@ -142,12 +213,13 @@ class Handlers:
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
         if not self._may(event, "retrieve"):
+            self.audit.record("dimse.move", _calling(event), "denied", peer=_peer(event))
             yield destination.host, destination.port
             yield 1
             yield failure(0xC001, f"{_calling(event)} may not retrieve"), None
             return
         try:
-            items = self._items(event)
+            items = self._items(event, "dimse.move", destination.ae_title)
         except QueryError as exc:
             yield destination.host, destination.port
             yield 1
@@ -167,11 +239,12 @@ class Handlers:
     def get(self, event: Event) -> Iterator[Any]:
         """C-GET SCP (PS3.4 C.4.3): sub-operations on the requesting association."""
         if not self._may(event, "retrieve"):
+            self.audit.record("dimse.get", _calling(event), "denied", peer=_peer(event))
             yield 1
             yield failure(0xC001, f"{_calling(event)} may not retrieve"), None
             return
         try:
-            items = self._items(event)
+            items = self._items(event, "dimse.get")
         except QueryError as exc:
             yield 1
             yield failure(exc.status, str(exc)), None

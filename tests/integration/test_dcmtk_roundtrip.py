@@ -162,6 +162,25 @@ def test_store_find_move_get(
     original = dcmread(next(ct_study.iterdir()))
     fetched = {dcmread(f).SOPInstanceUID: f for f in files}
     assert dcmread(fetched[original.SOPInstanceUID]).PixelData == original.PixelData
+    moved = {dcmread(f).SOPInstanceUID: f for f in received.iterdir()}
+    assert dcmread(moved[original.SOPInstanceUID]).PixelData == original.PixelData
+
+    # every access is in the audit trail: who, what, how many
+    server.stop()
+    import json
+
+    audit = [json.loads(line) for line in (server.data_dir / "audit.log").read_text().splitlines()]
+    actions = {(a["action"], a["actor"]) for a in audit}
+    assert ("dimse.store", "STORESCU") in actions
+    assert ("dimse.find", "FINDSCU") in actions
+    assert ("dimse.move", "MOVESCU") in actions
+    assert ("dimse.get", "GETSCU") in actions
+    stores = [a for a in audit if a["action"] == "dimse.store"]
+    assert sum(a["stored"] for a in stores) == CT_SLICES
+    assert stores[0]["studies"] == [study_uid]
+    move = next(a for a in audit if a["action"] == "dimse.move" and a["outcome"] == "ok")
+    assert move["destination"] == "STORESCP" and move["instances"] == CT_SLICES
+    assert move["keys"]["SeriesInstanceUID"] == series_uid
 
 
 def _fake_j2k(src: Path, dst: Path) -> None:
@@ -248,7 +267,9 @@ def test_send_and_echo_commands(
     from tests.helpers import ROOT, write_config
 
     target = server_factory("", name="target")
-    config = write_config(tmp_path / "sender-config", peers=(("TARGET", target.port),))
+    second = server_factory("", name="second")
+    peers = (("TARGET", target.port), ("SECOND", second.port))
+    config = write_config(tmp_path / "sender-config", peers=peers)
     subset = tmp_path / "subset"
     subset.mkdir()
     for src in sorted(ct_study.iterdir())[:5]:
@@ -265,4 +286,16 @@ def test_send_and_echo_commands(
         target.port, "IMAGE", {"StudyInstanceUID": _study_uid(ct_study), "SOPInstanceUID": ""}
     )
     assert len(rsps) == 5
+    # by UID, from the sender's own archive
+    own = ["--data-dir", str(tmp_path / "sender-data")]
+    imported = run([*base, "import", *own, str(subset)], timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    sent = run([*base, "send", *own, "--to", "SECOND", _study_uid(ct_study)], timeout=120)
+    assert sent.returncode == 0 and "5 sent, 0 failed" in sent.stdout, sent.stderr
+    rsps, _ = findscu(
+        second.port, "IMAGE", {"StudyInstanceUID": _study_uid(ct_study), "SOPInstanceUID": ""}
+    )
+    assert len(rsps) == 5
+    missing = run([*base, "send", *own, "--to", "SECOND", "1.2.3.4.5.6"], timeout=120)
+    assert missing.returncode == 1 and "no stored study" in missing.stderr
     assert ROOT.exists()

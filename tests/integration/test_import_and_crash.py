@@ -65,6 +65,8 @@ def test_import_equals_cstore(
     assert result.returncode == 0, result.stderr
     assert "15 files: 15 stored, 0 replaced, 0 duplicate, 0 rejected" in result.stdout
     via_import = dump(data, other_url)
+    audit = (data / "audit.log").read_text()
+    assert '"action":"import"' in audit and '"stored":15' in audit
 
     assert via_import.pop("paths") == files_on_disk(data)
     assert via_dimse.pop("paths") == files_on_disk(server.data_dir)
