@@ -7,6 +7,9 @@ a handler can borrow a connection for one unit of work (:func:`session`) and giv
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,7 @@ def make_database(
         if path is None or str(path) in ("", "/"):
             raise ConfigError(f"SQLite URL {url!r} names no file")
         path.parent.mkdir(parents=True, exist_ok=True)
+        _gate.bind(str(path))
         return PooledSqliteDatabase(
             str(path),
             max_connections=max_connections,
@@ -63,16 +67,52 @@ def make_database(
     raise ConfigError(f"unsupported database URL {url!r}: use sqlite:///path or postgresql://...")
 
 
-def write_transaction() -> Any:
+class _WriterGate:
+    """Serialises SQLite writers of this process (a lock) and of all processes (flock).
+
+    SQLite's own busy handler waits for a locked database by sleeping 1, 2, 5, 10 ms...; with
+    several DIMSE workers committing an instance each millisecond that backoff, not the work,
+    sets the pace. A blocked flock() returns the moment the holder lets go.
+    """
+
+    def __init__(self) -> None:
+        self._thread_lock = threading.Lock()
+        self._fd = -1
+        self._path = ""
+
+    def bind(self, sqlite_path: str) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._path = sqlite_path + ".writelock"
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+_gate = _WriterGate()
+
+
+@contextmanager
+def write_transaction() -> Iterator[None]:
     """A transaction that will write.
 
-    On SQLite it takes the write lock up front (BEGIN IMMEDIATE): a deferred transaction that
-    reads first and writes later gets SQLITE_BUSY at once, without waiting out busy_timeout, when
-    another connection committed in between (WAL snapshot conflict).
+    On SQLite the writers' gate is taken first, then the write lock up front (BEGIN IMMEDIATE):
+    a deferred transaction that reads first and writes later gets SQLITE_BUSY at once, without
+    waiting out busy_timeout, when another connection committed in between.
     """
     if isinstance(database.obj, PooledSqliteDatabase):
-        return database.atomic(lock_type="IMMEDIATE")
-    return database.atomic()
+        with _gate.held(), database.atomic(lock_type="IMMEDIATE"):
+            yield
+    else:
+        with database.atomic():
+            yield
 
 
 def is_postgres() -> bool:
