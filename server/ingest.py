@@ -20,7 +20,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
-from pydicom.multival import MultiValue
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from server.catalog import writer
@@ -51,42 +50,26 @@ class IngestResult:
 Listener = Callable[[IngestResult], None]
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, MultiValue | list | tuple):
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    text = text.strip(" \0")
-    return text or None
-
-
-def _integer(value: Any) -> int | None:
-    if isinstance(value, MultiValue | list | tuple):
-        value = value[0] if value else None
-    if value is None or value == "":
-        return None
+def _integer(text: str) -> int | None:
     try:
-        return int(float(value))
-    except (TypeError, ValueError):
+        return int(float(text))
+    except ValueError:
         return None
 
 
-def extract_columns(ds: Dataset, level: Level) -> dict[str, Any]:
-    """Catalog column values of ``level`` read from a dataset (the attribute table drives it)."""
+def extract_columns(metadata: dict[str, Any], level: Level) -> dict[str, Any]:
+    """Catalog column values of ``level`` (the attribute table drives it), read from the
+    instance's DICOM JSON so each value is converted once."""
     values: dict[str, Any] = {}
     for attr in extracted(level):
-        try:
-            raw = ds[attr.tag].value if attr.tag in ds else None
-        except (ValueError, TypeError):
-            raw = None  # an unparseable optional value is not a reason to refuse the instance
+        texts = [t.strip(" \0") for t in dicom_json.text_values(metadata.get(attr.tag_hex))]
+        text = "\\".join(texts) if any(texts) else None
         if attr.vr in INTEGER_VRS:
-            values[attr.column] = _integer(raw)
+            # an unparseable optional value is not a reason to refuse the instance
+            values[attr.column] = _integer(texts[0]) if texts and texts[0] else None
         else:
-            values[attr.column] = _text(raw)
+            values[attr.column] = text
             if attr.vr == "PN":
-                text = values[attr.column]
                 values[ci_column(attr)] = text.upper() if text else None
     return values
 
@@ -126,7 +109,7 @@ def _parse(data: bytes) -> tuple[Dataset, bytes]:
 def _validate(ds: Dataset, expect_class: str | None, expect_instance: str | None) -> dict[str, str]:
     uids: dict[str, str] = {}
     for keyword in _REQUIRED_UIDS:
-        value = _text(ds.get(keyword))
+        value = str(ds.get(keyword) or "").strip(" \0")
         if not value:
             # PS3.4 B.2.3: a dataset lacking a required attribute does not match its SOP Class.
             raise DatasetMismatch(f"dataset lacks {keyword}")
@@ -192,15 +175,15 @@ class Ingestor:
             if not self.replace and writer.is_catalogued(sop_uid):
                 return result("duplicate")
             key = storage_key(sop_uid)
-            instance_columns = extract_columns(ds, Level.IMAGE)
-            metadata = dicom_json.dumps(dicom_json.to_json(ds)).decode()
+            header = dicom_json.to_json(ds)
+            metadata = dicom_json.dumps(header).decode()
             staged = self.storage.stage(key, (encoded,))
             record = writer.InstanceRecord(
-                patient=extract_columns(ds, Level.PATIENT),
-                study=extract_columns(ds, Level.STUDY),
-                series=extract_columns(ds, Level.SERIES),
+                patient=extract_columns(header, Level.PATIENT),
+                study=extract_columns(header, Level.STUDY),
+                series=extract_columns(header, Level.SERIES),
                 instance={
-                    **instance_columns,
+                    **extract_columns(header, Level.IMAGE),
                     "storage_key": key,
                     "file_path": staged.relative,
                     "file_size": staged.size,

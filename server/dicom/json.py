@@ -137,6 +137,27 @@ def to_json(ds: Dataset) -> dict[str, Any]:
     return out
 
 
+def text_values(element: dict[str, Any] | None) -> list[str]:
+    """One element's values in their DICOM string form: PN groups joined with ``=``, numbers
+    as written. The catalog columns and in-memory matching both read values this way."""
+    if not element:
+        return []
+    out: list[str] = []
+    for value in element.get("Value", []):
+        if isinstance(value, dict):
+            groups = [value.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")]
+            while groups and not groups[-1]:
+                groups.pop()
+            out.append("=".join(groups))
+        elif isinstance(value, float) and value.is_integer():
+            out.append(str(int(value)))
+        elif value is None:
+            out.append("")
+        else:
+            out.append(str(value))
+    return out
+
+
 def dumps(data: dict[str, Any]) -> bytes:
     return orjson.dumps(data)
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+from server.dicom.json import text_values
 from server.dicom.query import Constraint, MatchKind, Term
 
 
@@ -52,21 +53,6 @@ def values_match(c: Constraint, values: Sequence[str], ignore_case: bool) -> boo
     return any(term_matches(t, c.vr, v, ignore_case) for t in c.terms for v in present)
 
 
-def json_values(element: Mapping[str, Any] | None) -> list[str]:
-    """Plain string values of one element of the DICOM JSON model (PS3.18 F.2)."""
-    if not element:
-        return []
-    out: list[str] = []
-    for value in element.get("Value", []):
-        if isinstance(value, dict):
-            out.append(str(value.get("Alphabetic", "")))
-        elif isinstance(value, float) and value.is_integer():
-            out.append(str(int(value)))
-        else:
-            out.append(str(value))
-    return out
-
-
 def matches_json(c: Constraint, dataset: Mapping[str, Any], ignore_case: bool) -> bool:
     """Match a constraint against a dataset in DICOM JSON form; sequences match if any item does."""
     element = dataset.get(f"{c.tag:08X}")
@@ -79,4 +65,4 @@ def matches_json(c: Constraint, dataset: Mapping[str, Any], ignore_case: bool) -
             for term in c.terms
             for item in items
         )
-    return values_match(c, json_values(element), ignore_case)
+    return values_match(c, text_values(element), ignore_case)
