@@ -23,9 +23,9 @@ from server.dicom.query import Query
 from server.dicom.response import encode_identifier, identifier_elements
 
 _FLUSH_BYTES = 64 * 1024  # also how often a C-CANCEL is noticed
-_COMMAND_LAST = 0x03  # message control header: command, last fragment
-_DATA_LAST = 0x02
-_DATA_MORE = 0x00
+COMMAND_LAST = 0x03  # message control header: command, last fragment
+DATA_LAST = 0x02
+DATA_MORE = 0x00
 
 
 def implicit_element(tag: int, value: bytes) -> bytes:
@@ -49,26 +49,26 @@ def find_rsp_command(sop_class_uid: str, message_id: int, status: int = 0xFF00) 
     return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
 
 
-def _pdv(context_id: int, header: int, fragment: bytes) -> bytes:
+def pdv(context_id: int, header: int, fragment: bytes) -> bytes:
     return struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
 
 
-def _pdu(items: bytes) -> bytes:
+def pdu(items: bytes) -> bytes:
     return struct.pack(">BBI", 0x04, 0, len(items)) + items
 
 
 def pdata_message(context_id: int, command: bytes, data: bytes, max_length: int) -> bytes:
     """One DIMSE message as P-DATA-TF PDUs no larger than the peer's maximum length."""
-    command_item = _pdv(context_id, _COMMAND_LAST, command)
-    data_item = _pdv(context_id, _DATA_LAST, data)
+    command_item = pdv(context_id, COMMAND_LAST, command)
+    data_item = pdv(context_id, DATA_LAST, data)
     if not max_length or len(command_item) + len(data_item) <= max_length:
-        return _pdu(command_item + data_item)
-    out = [_pdu(command_item)]
+        return pdu(command_item + data_item)
+    out = [pdu(command_item)]
     room = max_length - 6
     for start in range(0, len(data), room):
         chunk = data[start : start + room]
         last = start + room >= len(data)
-        out.append(_pdu(_pdv(context_id, _DATA_LAST if last else _DATA_MORE, chunk)))
+        out.append(pdu(pdv(context_id, DATA_LAST if last else DATA_MORE, chunk)))
     return b"".join(out)
 
 

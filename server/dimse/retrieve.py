@@ -13,16 +13,18 @@ only), as before.
 
 from __future__ import annotations
 
+import os
+import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
 from server.dimse import polling
-from server.dimse.fastpath import implicit_element, pdata_message
+from server.dimse.fastpath import COMMAND_LAST, DATA_LAST, DATA_MORE, implicit_element, pdu, pdv
 
 
 class StoredFile(Dataset):
@@ -64,18 +66,42 @@ def store_rq_command(
     return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
 
 
-def dataset_bytes(data: bytes) -> bytes | None:
-    """The data set of a Part 10 file (after preamble and file meta), or None if unusual."""
-    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
+def dataset_offset(head: bytes) -> int | None:
+    """Where the data set of a Part 10 file starts (after preamble and file meta), from its
+    first 144 bytes; None if the file meta does not start with its group length."""
+    if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00" or head[136:138] != b"UL":
         return None
-    (meta_length,) = struct.unpack("<I", data[140:144])
-    return data[144 + meta_length :]
+    (meta_length,) = struct.unpack("<I", head[140:144])
+    return 144 + int(meta_length)
+
+
+def _stream(
+    sock: socket.socket,
+    fh: BinaryIO,
+    context_id: int,
+    command: bytes,
+    span: tuple[int, int],
+    max_length: int,
+) -> None:
+    """The C-STORE-RQ as P-DATA-TF PDUs: the command, then the data set (``span`` = offset and
+    length in the file) straight from the file: sendfile lets the kernel copy it."""
+    sock.sendall(pdu(pdv(context_id, COMMAND_LAST, command)))
+    offset, length = span
+    room = (max_length or 1 << 24) - 6
+    end = offset + length
+    while True:
+        size = min(room, end - offset)
+        last = offset + size >= end
+        flags = DATA_LAST if last else DATA_MORE
+        sock.sendall(struct.pack(">BBIIBB", 0x04, 0, size + 6, size + 2, context_id, flags))
+        if size:
+            sock.sendfile(fh, offset, size)
+        offset += size
+        if last:
+            return
 
 
 def _send_raw(assoc: Association, item: StoredFile, context: Any, **kwargs: Any) -> Dataset | None:
-    data = dataset_bytes(item._stored_path.read_bytes())
-    if data is None:
-        return None
     command = store_rq_command(
         str(item.SOPClassUID),
         str(item.SOPInstanceUID),
@@ -84,12 +110,19 @@ def _send_raw(assoc: Association, item: StoredFile, context: Any, **kwargs: Any)
         kwargs.get("originator_aet"),
         kwargs.get("originator_id"),
     )
-    message = pdata_message(context.context_id, command, data, assoc.dimse.maximum_pdu_size)
-    with polling.park(assoc) as parked:  # the reactor must not take the response
-        if not parked or assoc.dul.socket is None:
+    with open(item._stored_path, "rb") as fh:
+        offset = dataset_offset(fh.read(144))
+        if offset is None:
             return None
-        assoc.dul.socket.send(message)
-        _, rsp = assoc.dimse.get_msg(block=True)
+        length = os.fstat(fh.fileno()).st_size - offset
+        with polling.park(assoc) as parked:  # the reactor must not take the response
+            transport = assoc.dul.socket
+            if not parked or transport is None or transport.socket is None:
+                return None
+            span = (offset, length)
+            max_length = assoc.dimse.maximum_pdu_size
+            _stream(transport.socket, fh, context.context_id, command, span, max_length)
+            _, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
