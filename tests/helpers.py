@@ -74,5 +74,10 @@ def run(
     if argv[0] in DCMTK_TOOLS or argv[0] in _DCMTK_EXTRA:
         argv[0] = dcmtk(argv[0])
     return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        argv,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )

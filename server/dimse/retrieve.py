@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import P_DATA
 
 from server.dimse import polling
 from server.dimse.fastpath import COMMAND_LAST, DATA_LAST, DATA_MORE, implicit_element, pdu, pdv
@@ -101,7 +103,22 @@ def _stream(
             return
 
 
+def _queue(assoc: Association, fh: BinaryIO, context_id: int, command: bytes) -> None:
+    """The C-STORE-RQ as P-DATA primitives through the association's DUL queue."""
+    data = fh.read()
+    room = (assoc.dimse.maximum_pdu_size or len(data) + 6) - 6
+    fragments = [(COMMAND_LAST, command)]
+    for start in range(0, len(data), room):
+        last = start + room >= len(data)
+        fragments.append((DATA_LAST if last else DATA_MORE, data[start : start + room]))
+    for flags, fragment in fragments:
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, bytes([flags]) + fragment))
+        assoc.dul.send_pdu(pdata)
+
+
 def _send_raw(assoc: Association, item: StoredFile, context: Any, **kwargs: Any) -> Dataset | None:
+    """Send one stored file as a C-STORE sub-operation; None when it must go the slow way."""
     command = store_rq_command(
         str(item.SOPClassUID),
         str(item.SOPInstanceUID),
@@ -114,15 +131,22 @@ def _send_raw(assoc: Association, item: StoredFile, context: Any, **kwargs: Any)
         offset = dataset_offset(fh.read(144))
         if offset is None:
             return None
-        length = os.fstat(fh.fileno()).st_size - offset
-        with polling.park(assoc) as parked:  # the reactor must not take the response
-            transport = assoc.dul.socket
-            if not parked or transport is None or transport.socket is None:
-                return None
-            span = (offset, length)
-            max_length = assoc.dimse.maximum_pdu_size
-            _stream(transport.socket, fh, context.context_id, command, span, max_length)
+        if threading.current_thread() is assoc:
+            # C-GET, on the requesting association's own thread: its DUL thread may still be
+            # sending the previous pending C-GET response, so our PDUs queue behind it.
+            _queue(assoc, fh, context.context_id, command)
             _, rsp = assoc.dimse.get_msg(block=True)
+        else:
+            # C-MOVE: our own association to the destination; nothing else writes on it, so
+            # the file goes straight to the socket.
+            span = (offset, os.fstat(fh.fileno()).st_size - offset)
+            with polling.park(assoc) as parked:  # the reactor must not take the response
+                transport = assoc.dul.socket
+                if not parked or transport is None or transport.socket is None:
+                    return None
+                max_length = assoc.dimse.maximum_pdu_size
+                _stream(transport.socket, fh, context.context_id, command, span, max_length)
+                _, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
