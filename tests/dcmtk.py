@@ -43,3 +43,13 @@ def storescu(port: int, paths: list[Path], *extra: str) -> str:
     if result.returncode != 0:
         raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result.stdout + result.stderr
+
+
+def getscu(port: int, study_uid: str, out: Path) -> None:
+    """C-GET a whole study into ``out`` (getscu proposes uncompressed syntaxes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = ["getscu", "-S", "-aec", "IMAGING", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY"]
+    cmd += ["-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(port)]
+    result = run(cmd, env={"TCP_NODELAY": "1"})
+    if result.returncode != 0:
+        raise AssertionError(f"getscu failed ({result.returncode}):\n{result.stderr[-2000:]}")

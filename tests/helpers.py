@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from tools.procs import (
     DCMTK_TOOLS,
@@ -31,6 +33,7 @@ __all__ = [
     "postgres_available",
     "postgres_database",
     "run",
+    "server_cli",
     "storescp",
     "write_config",
 ]
@@ -63,6 +66,19 @@ def postgres_database() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
     with scratch_postgres(PG_ADMIN_URL) as url:
         yield url
+
+
+def server_cli(
+    command: str, config: Path, data_dir: Path, *args: str, database_url: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``python -m server COMMAND`` against a configuration and data directory."""
+    cmd = [sys.executable, "-m", "server", "--config", str(config), command]
+    cmd += ["--data-dir", str(data_dir)]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    return subprocess.run(
+        [*cmd, *args], cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=600
+    )
 
 
 def run(

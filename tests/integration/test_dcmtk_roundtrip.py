@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import CT_SLICES
-from tests.dcmtk import findscu, storescu
+from tests.dcmtk import findscu, getscu, storescu
 from tests.helpers import run, storescp
 
 pytestmark = pytest.mark.usefixtures("dcmtk")
@@ -138,25 +138,7 @@ def test_store_find_move_get(
 
     # C-GET on the same association
     got = tmp_path / "got"
-    got.mkdir()
-    result = run(
-        [
-            "getscu",
-            "-S",
-            "-aec",
-            "IMAGING",
-            "-od",
-            str(got),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={study_uid}",
-            "127.0.0.1",
-            str(server.port),
-        ],
-        env={"TCP_NODELAY": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    getscu(server.port, study_uid, got)
     files = list(got.iterdir())
     assert len(files) == CT_SLICES
     original = dcmread(next(ct_study.iterdir()))

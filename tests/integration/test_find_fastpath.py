@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -11,7 +9,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from tests.helpers import ROOT, ServerProcess, write_config
+from tests.helpers import ServerProcess, server_cli, write_config
 from tools.generate import many_studies, small_instance, write
 
 
@@ -22,23 +20,8 @@ def test_many_matches_implicit_vr_small_pdus(tmp_path: Path) -> None:
         write(small_instance(spec), files)
     config = write_config(tmp_path / "cfg")
     data = tmp_path / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "import",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data),
-            str(files),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    imported = server_cli("import", config, data, str(files))
+    assert imported.returncode == 0, imported.stderr
     server = ServerProcess(data, config).start()
     try:
         ae = AE()

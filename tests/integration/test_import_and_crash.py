@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,8 +11,8 @@ import pytest
 from pydicom import dcmread
 
 from tests.catalog_dump import dump, files_on_disk
-from tests.dcmtk import findscu, storescu
-from tests.helpers import ROOT, ServerProcess, have, run, write_config
+from tests.dcmtk import findscu, getscu, storescu
+from tests.helpers import ServerProcess, have, server_cli, write_config
 from tools.generate import StudySpec, ct_series, small_instance, write
 from tools.procs import dcmtk
 
@@ -21,21 +20,7 @@ from tools.procs import dcmtk
 def _import(
     config: Path, data_dir: Path, url: str, *paths: Path
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "import",
-        "--config",
-        str(config),
-        "--data-dir",
-        str(data_dir),
-    ]
-    if url:
-        cmd += ["--database-url", url]
-    return subprocess.run(
-        [*cmd, *map(str, paths)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    return server_cli("import", config, data_dir, *map(str, paths), database_url=url)
 
 
 def test_import_equals_cstore(
@@ -176,27 +161,9 @@ def test_sigkill_during_four_association_ingest(database_url: str, tmp_path: Pat
                     assert str(ds.SOPInstanceUID) in stored, f"acknowledged {path} was lost"
         # everything acknowledged is retrievable, byte for byte the same pixels
         got = tmp_path / "got"
-        got.mkdir()
         for folder in folders:
             uid = str(dcmread(next(folder.iterdir()), stop_before_pixels=True).StudyInstanceUID)
-            result = run(
-                [
-                    "getscu",
-                    "-S",
-                    "-aec",
-                    "IMAGING",
-                    "-od",
-                    str(got),
-                    "-k",
-                    "QueryRetrieveLevel=STUDY",
-                    "-k",
-                    f"StudyInstanceUID={uid}",
-                    "127.0.0.1",
-                    str(server.port),
-                ],
-                env={"TCP_NODELAY": "1"},
-            )
-            assert result.returncode == 0, result.stderr[-2000:]
+            getscu(server.port, uid, got)
         retrieved = {str(dcmread(p).SOPInstanceUID): p for p in got.iterdir()}
         for path in acked:
             original = dcmread(path)

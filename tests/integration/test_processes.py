@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.dcmtk import findscu, storescu
-from tests.helpers import ROOT, ServerProcess, echo, have, write_config
+from tests.helpers import ServerProcess, echo, have, server_cli, write_config
 from tools.generate import StudySpec, small_instance, write
 
 
@@ -83,23 +82,7 @@ def test_import_beside_a_running_server_skips_recovery(tmp_path: Path) -> None:
     in_flight = tmp_path / "data" / "tmp" / f"{'ab' * 32}.123456789abc.part"
     in_flight.write_bytes(b"a write the server has not committed yet")
     try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "server",
-                "import",
-                "--config",
-                str(config),
-                "--data-dir",
-                str(tmp_path / "data"),
-                str(_files(tmp_path, 1)),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = server_cli("import", config, tmp_path / "data", str(_files(tmp_path, 1)))
         assert result.returncode == 0, result.stderr
         assert "1 stored" in result.stdout
         assert in_flight.exists()
