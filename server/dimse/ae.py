@@ -28,7 +28,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from server.archive import Archive
 from server.config import Settings
-from server.dimse import polling, retrieve
+from server.dimse import fastpath, polling, retrieve
 from server.dimse.handlers import Handlers
 from server.errors import ConfigError
 
@@ -46,6 +46,7 @@ _QUERY_RETRIEVE = (
 _config.UNRESTRICTED_STORAGE_SERVICE = True
 polling.install()
 retrieve.install()
+fastpath.install()
 # Identifiers can hold patient data; they go to the audit trail, not to the debug log.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False

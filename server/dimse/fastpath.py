@@ -1,4 +1,5 @@
-"""C-FIND pending responses written straight to the association's socket.
+"""Hand-encoded DIMSE messages for the hot paths: C-FIND pending responses written straight to
+the association's socket, C-STORE responses, and Part 10 files from received C-STOREs.
 
 pynetdicom encodes every response's command set and identifier with pydicom and hands each PDU
 to its reactor thread; that costs more per match than the catalog query for all of them, which
@@ -17,6 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from pydicom.uid import UID
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 from server.catalog.search import Match
 from server.dicom.query import Query
@@ -94,3 +98,82 @@ def send_find_pending(event: Any, query: Query, matches: Iterable[Match]) -> boo
     if buffer:
         send(b"".join(buffer))
     return not event.is_cancelled
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    group_element = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if vr == b"OB":
+        return group_element + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return group_element + vr + struct.pack("<H", len(value)) + value
+
+
+def _text(value: str, pad: bytes) -> bytes:
+    data = value.encode("ascii", "replace")
+    return data + pad if len(data) % 2 else data
+
+
+def part10(sop_class: str, sop_instance: str, syntax: str, source_ae: str, dataset: bytes) -> bytes:
+    """A DICOM file (PS3.10 7.1): preamble, file meta information and the data set as received.
+
+    What pynetdicom's ``encoded_dataset()`` builds through pydicom, without the pydicom."""
+    from server.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    body = b"".join(
+        (
+            _explicit(0x00020001, b"OB", b"\x00\x01"),
+            _explicit(0x00020002, b"UI", _text(sop_class, b"\0")),
+            _explicit(0x00020003, b"UI", _text(sop_instance, b"\0")),
+            _explicit(0x00020010, b"UI", _text(syntax, b"\0")),
+            _explicit(0x00020012, b"UI", _text(IMPLEMENTATION_CLASS_UID, b"\0")),
+            _explicit(0x00020013, b"SH", _text(IMPLEMENTATION_VERSION_NAME, b" ")),
+            _explicit(0x00020016, b"AE", _text(source_ae.strip()[:16] or "UNKNOWN", b" ")),
+        )
+    )
+    group_length = _explicit(0x00020000, b"UL", struct.pack("<I", len(body)))
+    return b"\0" * 128 + b"DICM" + group_length + body + dataset
+
+
+def store_rsp_command(sop_class: str, sop_instance: str, message_id: int, status: int) -> bytes:
+    """An encoded C-STORE-RSP command set without data set (PS3.7 9.3.1.2)."""
+    body = b"".join(
+        (
+            implicit_element(0x00000002, _text(sop_class, b"\0")),
+            implicit_element(0x00000100, struct.pack("<H", 0x8001)),
+            implicit_element(0x00000120, struct.pack("<H", message_id)),
+            implicit_element(0x00000800, struct.pack("<H", 0x0101)),
+            implicit_element(0x00000900, struct.pack("<H", status)),
+            implicit_element(0x00001000, _text(sop_instance, b"\0")),
+        )
+    )
+    return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    """C-STORE responses without extra fields are encoded by hand; the rest as pynetdicom does."""
+    if (
+        isinstance(primitive, C_STORE)
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+        and primitive.AffectedSOPClassUID
+        and primitive.AffectedSOPInstanceUID
+        and primitive.Status is not None
+    ):
+        command = store_rsp_command(
+            str(primitive.AffectedSOPClassUID),
+            str(primitive.AffectedSOPInstanceUID),
+            int(primitive.MessageIDBeingRespondedTo),
+            int(primitive.Status),
+        )
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, bytes([COMMAND_LAST]) + command))
+        self.dul.send_pdu(pdata)
+        return
+    _original_send_msg(self, primitive, context_id)
+
+
+_original_send_msg = DIMSEServiceProvider.send_msg
+
+
+def install() -> None:
+    DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -26,7 +28,7 @@ from server.archive import Archive
 from server.catalog.db import session
 from server.catalog.search import RetrieveItem, retrieve_items, search
 from server.dicom.query import Model, Query, parse_identifier
-from server.dimse.fastpath import send_find_pending
+from server.dimse.fastpath import part10, send_find_pending
 from server.dimse.retrieve import StoredFile
 from server.errors import IngestError, QueryError
 
@@ -117,12 +119,20 @@ class Handlers:
             tally.refused += 1
             return failure(0xA700, f"{_calling(event)} may not store here")
         try:
+            request = cast(C_STORE, event.request)
+            received = cast(BytesIO, request.DataSet)
+            sop_instance = str(request.AffectedSOPInstanceUID or "")
             result = self.archive.ingestor.ingest(
-                event.encoded_dataset(include_meta=True),
+                part10(
+                    str(request.AffectedSOPClassUID),
+                    sop_instance,
+                    str(event.context.transfer_syntax),
+                    _calling(event),
+                    received.getvalue(),
+                ),
                 source=f"dimse:{_calling(event)}",
                 expect_sop_class=str(event.context.abstract_syntax),
-                expect_sop_instance=str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-                or None,
+                expect_sop_instance=sop_instance or None,
             )
         except IngestError as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", _calling(event), exc.status, exc)

@@ -57,11 +57,12 @@ def store_rq_command(
         implicit_element(0x00000100, struct.pack("<H", 0x0001)),
         implicit_element(0x00000110, struct.pack("<H", msg_id)),
         implicit_element(0x00000700, struct.pack("<H", priority)),  # 0 medium, 1 high, 2 low
-        implicit_element(0x00000800, struct.pack("<H", 0x0000)),
+        implicit_element(0x00000800, struct.pack("<H", 0x0001)),  # a data set follows
         implicit_element(0x00001000, _uid(sop_instance)),
     ]
     if originator_aet:
-        elements.append(implicit_element(0x00001030, originator_aet.encode()[:16].ljust(16)))
+        title = originator_aet.strip()[:16].encode("ascii", "replace")
+        elements.append(implicit_element(0x00001030, title + b" " * (len(title) % 2)))
     if originator_id is not None:
         elements.append(implicit_element(0x00001031, struct.pack("<H", originator_id)))
     body = b"".join(elements)
