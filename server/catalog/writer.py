@@ -42,13 +42,10 @@ def patient_key(patient_id: str | None, issuer: str | None) -> str:
 
 
 def _refresh_modalities(study_id: int) -> str | None:
-    rows = (
-        Series.select(Series.modality)
-        .where((Series.study == study_id) & Series.modality.is_null(False))
-        .distinct()
-    )
-    modalities = sorted({r.modality for r in rows if r.modality})
-    return "\\".join(modalities) or None
+    """ModalitiesInStudy: the distinct modalities of the study's series, sorted."""
+    sql = f'SELECT DISTINCT "modality" FROM "series" WHERE "study_id" = {_param()}'
+    rows = database.execute_sql(sql, [study_id]).fetchall()
+    return "\\".join(sorted({row[0] for row in rows if row[0]})) or None
 
 
 class _ParentCache:
@@ -162,10 +159,13 @@ def _ensure_parents(record: InstanceRecord, now: dt.datetime) -> tuple[int, int]
         Series, "series_instance_uid", {**record.series, "study_id": study_id}
     )
     if new_series:
-        Study.update(
-            number_of_study_related_series=Study.number_of_study_related_series + 1,
-            modalities_in_study=_refresh_modalities(study_id),
-        ).where(Study.id == study_id).execute()
+        param = _param()
+        database.execute_sql(
+            'UPDATE "study" SET "number_of_study_related_series" = '
+            f'"number_of_study_related_series" + 1, "modalities_in_study" = {param} '
+            f'WHERE "id" = {param}',
+            [_refresh_modalities(study_id), study_id],
+        )
     return series_id, study_id
 
 
