@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import UID
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from server.catalog.search import Match
@@ -148,28 +148,73 @@ def store_rsp_command(sop_class: str, sop_instance: str, message_id: int, status
     return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
 
 
-def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-    """C-STORE responses without extra fields are encoded by hand; the rest as pynetdicom does."""
-    if (
-        isinstance(primitive, C_STORE)
-        and primitive.MessageIDBeingRespondedTo is not None
-        and primitive.ErrorComment is None
-        and primitive.OffendingElement is None
-        and primitive.AffectedSOPClassUID
-        and primitive.AffectedSOPInstanceUID
-        and primitive.Status is not None
-    ):
-        command = store_rsp_command(
-            str(primitive.AffectedSOPClassUID),
-            str(primitive.AffectedSOPInstanceUID),
-            int(primitive.MessageIDBeingRespondedTo),
-            int(primitive.Status),
+def retrieve_pending_command(
+    command_field: int, sop_class: str, message_id: int, counts: tuple[int, int, int, int]
+) -> bytes:
+    """A pending C-MOVE-RSP (0x8021) or C-GET-RSP (0x8010) without identifier (PS3.7 9.3.4.2,
+    9.3.3.2); ``counts`` = remaining, completed, failed, warning sub-operations."""
+    remaining, completed, failed, warning = counts
+    body = b"".join(
+        (
+            implicit_element(0x00000002, _text(sop_class, b"\0")),
+            implicit_element(0x00000100, struct.pack("<H", command_field)),
+            implicit_element(0x00000120, struct.pack("<H", message_id)),
+            implicit_element(0x00000800, struct.pack("<H", 0x0101)),
+            implicit_element(0x00000900, struct.pack("<H", 0xFF00)),
+            implicit_element(0x00001020, struct.pack("<H", remaining)),
+            implicit_element(0x00001021, struct.pack("<H", completed)),
+            implicit_element(0x00001022, struct.pack("<H", failed)),
+            implicit_element(0x00001023, struct.pack("<H", warning)),
         )
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, bytes([COMMAND_LAST]) + command))
-        self.dul.send_pdu(pdata)
+    )
+    return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def _fast_command(primitive: Any) -> bytes | None:
+    """The encoded command set of a response we encode by hand, or None for pynetdicom's way."""
+    if primitive.MessageIDBeingRespondedTo is None or not primitive.AffectedSOPClassUID:
+        return None
+    if isinstance(primitive, C_STORE):
+        if (
+            primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and primitive.AffectedSOPInstanceUID
+            and primitive.Status is not None
+        ):
+            return store_rsp_command(
+                str(primitive.AffectedSOPClassUID),
+                str(primitive.AffectedSOPInstanceUID),
+                int(primitive.MessageIDBeingRespondedTo),
+                int(primitive.Status),
+            )
+        return None
+    if isinstance(primitive, C_MOVE | C_GET) and primitive.Status == 0xFF00:
+        counts = (
+            primitive.NumberOfRemainingSuboperations,
+            primitive.NumberOfCompletedSuboperations,
+            primitive.NumberOfFailedSuboperations,
+            primitive.NumberOfWarningSuboperations,
+        )
+        if primitive.Identifier is None and None not in counts and primitive.ErrorComment is None:
+            return retrieve_pending_command(
+                0x8021 if isinstance(primitive, C_MOVE) else 0x8010,
+                str(primitive.AffectedSOPClassUID),
+                int(primitive.MessageIDBeingRespondedTo),
+                cast(tuple[int, int, int, int], counts),
+            )
+    return None
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    """C-STORE responses and pending C-MOVE/C-GET responses are encoded by hand (they are sent
+    once per instance); everything else as pynetdicom does."""
+    command = _fast_command(primitive)
+    if command is None:
+        _original_send_msg(self, primitive, context_id)
         return
-    _original_send_msg(self, primitive, context_id)
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, bytes([COMMAND_LAST]) + command))
+    self.dul.send_pdu(pdata)
 
 
 _original_send_msg = DIMSEServiceProvider.send_msg

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 from io import BytesIO
 
+import pytest
 from pydicom import dcmread
-from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 
-from server.dimse.fastpath import part10, store_rsp_command
+from server.dimse.fastpath import part10, retrieve_pending_command, store_rsp_command
 from server.dimse.retrieve import store_rq_command
 from tools.generate import StudySpec, small_instance
 
@@ -59,3 +60,26 @@ def test_part10_is_a_readable_file() -> None:
     assert read.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert read.file_meta.SourceApplicationEntityTitle == "MODALITY"
     assert read.PixelData == ds.PixelData and read.PatientName == ds.PatientName
+
+
+@pytest.mark.parametrize(
+    ("primitive_class", "message_class", "field"),
+    [
+        (C_MOVE, C_MOVE_RSP, 0x8021),
+        (C_GET, C_GET_RSP, 0x8010),
+    ],
+)
+def test_retrieve_pending_matches_pynetdicom(primitive_class, message_class, field) -> None:  # type: ignore[no-untyped-def]
+    sop_class = "1.2.840.10008.5.1.4.1.2.2.2"
+    primitive = primitive_class()
+    primitive.MessageIDBeingRespondedTo = 5
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.Status = 0xFF00
+    primitive.NumberOfRemainingSuboperations = 297
+    primitive.NumberOfCompletedSuboperations = 2
+    primitive.NumberOfFailedSuboperations = 1
+    primitive.NumberOfWarningSuboperations = 0
+    message = message_class()
+    message.primitive_to_message(primitive)
+    ours = retrieve_pending_command(field, sop_class, 5, (297, 2, 1, 0))
+    assert ours == _command_bytes(message)
