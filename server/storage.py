@@ -97,9 +97,6 @@ class Storage:
             staged.final.unlink(missing_ok=True)
         staged.part.unlink(missing_ok=True)
 
-    def remove(self, relative: str) -> None:
-        self.path_of(relative).unlink(missing_ok=True)
-
     def recover(self, committed_path: Callable[[str], str | None]) -> tuple[int, int]:
         """Resolve interrupted writes: keep what the catalog references, delete the rest.
 

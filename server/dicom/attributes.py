@@ -14,7 +14,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 
 class Level(enum.IntEnum):
@@ -110,8 +110,3 @@ def at_level(level: Level) -> tuple[Attribute, ...]:
 def extracted(level: Level) -> tuple[Attribute, ...]:
     """Attributes ingest copies from a dataset into the catalog row of ``level``."""
     return tuple(a for a in ATTRIBUTES if a.level == level and not a.computed)
-
-
-def keyword_of(tag: int) -> str:
-    """Keyword for a tag, or the 8-digit hex form for private/unknown tags."""
-    return keyword_for_tag(tag) or f"{tag:08X}"

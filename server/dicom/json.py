@@ -23,7 +23,6 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 BULK_DATA_THRESHOLD = 1024
-PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 _ASCII_TEXT = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
 _CHARSET_TEXT = frozenset({"LO", "SH", "UC"})

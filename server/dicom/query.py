@@ -8,8 +8,8 @@ memory for keys the catalog has no column for.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
@@ -79,7 +79,6 @@ class Query:
     case_insensitive_pn: bool = True
     limit: int | None = None
     offset: int = 0
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     @property
     def matching(self) -> tuple[Constraint, ...]:
@@ -181,23 +180,4 @@ def parse_identifier(
         model=model,
         constraints=_parse_elements(identifier),
         case_insensitive_pn=case_insensitive_pn,
-    )
-
-
-def unique_uids(query: Query, tag: int) -> tuple[str, ...]:
-    """UIDs listed for a unique key (single or list matching), or () when unconstrained."""
-    for c in query.constraints:
-        if c.tag == tag and c.terms:
-            return tuple(t.value for t in c.terms if t.kind is MatchKind.SINGLE)
-    return ()
-
-
-def with_constraints(query: Query, extra: Iterable[Constraint]) -> Query:
-    return Query(
-        query.level,
-        query.model,
-        query.constraints + tuple(extra),
-        query.case_insensitive_pn,
-        query.limit,
-        query.offset,
     )
