@@ -73,7 +73,9 @@ class _Park:
 
 
 def _park_of(assoc: Any) -> _Park:
-    park: _Park = assoc.__dict__.setdefault("_park", _Park())
+    park: _Park | None = assoc.__dict__.get("_park")
+    if park is None:
+        park = assoc.__dict__.setdefault("_park", _Park())
     return park
 
 

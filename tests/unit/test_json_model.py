@@ -74,3 +74,18 @@ def test_latin1_text_uses_pydicom() -> None:
     read = _read(_encoded(ds, ExplicitVRLittleEndian))
     assert to_json(read) == _reference(_read(_encoded(ds, ExplicitVRLittleEndian)))
     assert to_json(read)["00100010"]["Value"] == [{"Alphabetic": "ANDRÉ^PIERRE"}]
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, "1.2.840.10008.1.2.1.99"],
+)
+def test_ingest_header_parse_equals_dcmread(syntax: str) -> None:
+    """Ingest reads the file meta by hand; the header it gets must be pydicom's."""
+    from server.ingest import _parse
+
+    data = _encoded(_rich(), syntax)
+    parsed, stored = _parse(data)
+    assert stored is data
+    assert parsed == _read(data)
+    assert parsed.file_meta.TransferSyntaxUID == syntax
