@@ -98,7 +98,7 @@ def park(assoc: Any, timeout: float = 2.0) -> Iterator[bool]:
     own pause flag, this cannot be fooled by a reactor that is between two checks.
     """
     if threading.current_thread() is assoc:
-        yield True  # called from the reactor itself (C-GET sub-operations): it is not polling
+        yield True  # called from the reactor thread itself: it is not polling, nothing to hold
         return
     state = _park_of(assoc)
     state.released.clear()
