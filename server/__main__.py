@@ -7,6 +7,7 @@ import getpass
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,12 +39,38 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def _cannot_listen(settings: Settings, exc: OSError) -> int:
-    print(
-        f"cannot listen on {settings.bind_address}:{settings.dimse_port}: {exc.strerror or exc}",
-        file=sys.stderr,
-    )
+def _cannot_listen(settings: Settings, exc: OSError, what: str, port: int) -> int:
+    address = settings.bind_address if what == "DICOM" else settings.http_bind_address
+    print(f"cannot listen for {what} on {address}:{port}: {exc.strerror or exc}", file=sys.stderr)
     return 2
+
+
+def _listen_all(settings: Settings) -> tuple[socket.socket, socket.socket] | int:
+    """Both listening sockets, bound before anything starts (a taken port is a clear error)."""
+    from server.dimse import workers
+    from server.web.serve import listen_http
+
+    try:
+        dimse = workers.listen(settings)
+    except OSError as exc:
+        return _cannot_listen(settings, exc, "DICOM", settings.dimse_port)
+    try:
+        http = listen_http(settings)
+    except OSError as exc:
+        dimse.close()
+        return _cannot_listen(settings, exc, "HTTP", settings.http_port)
+    return dimse, http
+
+
+def _banner(settings: Settings, dimse: socket.socket, http: socket.socket, extra: str) -> None:
+    host, port = dimse.getsockname()[:2]
+    http_host, http_port = http.getsockname()[:2]
+    print(
+        f"DICOM AE {settings.ae_title} listening on {host}:{port}{extra}; "
+        f"DICOMweb at http://{http_host}:{http_port}/dicom-web; "
+        f"data in {settings.data_dir.resolve()}; catalog {settings.catalog_url.split('@')[-1]}",
+        flush=True,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -52,22 +79,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     archive = open_archive(settings)  # recovery runs here, before any worker writes
+    sockets = _listen_all(settings)
+    if isinstance(sockets, int):
+        return sockets
+    dimse, http = sockets
     count = workers.worker_count(settings)
     if count == 1:
-        return _serve_in_process(archive)
+        return _serve_in_process(archive, dimse, http)
     close_archive()  # the parent only supervises; it keeps its writers lock (archive.lock_fd)
-    try:
-        sock = workers.listen(settings)
-    except OSError as exc:
-        return _cannot_listen(settings, exc)
-    supervisor = workers.Supervisor(workers.worker_argv(args.config, settings), sock, count)
-    supervisor.start()
-    host, port = sock.getsockname()[:2]
-    print(
-        f"DICOM AE {settings.ae_title} listening on {host}:{port} ({count} worker processes); "
-        f"data in {settings.data_dir.resolve()}; catalog {settings.catalog_url.split('@')[-1]}",
-        flush=True,
+    supervisor = workers.Supervisor(
+        workers.worker_argv(args.config, settings), [dimse, http], count
     )
+    supervisor.start()
+    _banner(settings, dimse, http, f" ({count} worker processes)")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: supervisor.stopping.set())
     code = supervisor.run()
@@ -76,22 +100,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
-def _serve_in_process(archive: Any) -> int:
+def _serve_in_process(archive: Any, dimse: socket.socket, http: socket.socket) -> int:
     from server.archive import close_archive
     from server.dimse.ae import start_dimse
+    from server.web.serve import run_http
 
     settings = archive.settings
-    try:
-        server = start_dimse(archive)
-    except OSError as exc:
-        return _cannot_listen(settings, exc)
-    host, port = server.server_address[:2]
-    print(
-        f"DICOM AE {settings.ae_title} listening on {host}:{port}; data in "
-        f"{settings.data_dir.resolve()}; catalog {settings.catalog_url.split('@')[-1]}",
-        flush=True,
-    )
-    _wait_for_signal()
+    server = start_dimse(archive, listen_fd=dimse.fileno())
+    _banner(settings, dimse, http, "")
+    run_http(archive, http, (signal.SIGINT, signal.SIGTERM))
     print("shutting down", flush=True)
     server.shutdown()
     close_archive()
@@ -99,18 +116,18 @@ def _serve_in_process(archive: Any) -> int:
 
 
 def cmd_dimse_worker(args: argparse.Namespace) -> int:
-    """One worker process of ``serve`` (started by it, not by hand)."""
+    """One worker process of ``serve`` (started by it, not by hand): DIMSE on its threads,
+    HTTP on the main thread's event loop."""
     from server.archive import close_archive, open_archive
     from server.dimse import workers
     from server.dimse.ae import start_dimse
+    from server.web.serve import run_http
 
     workers.die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     archive = open_archive(_settings(args))
     server = start_dimse(archive, listen_fd=args.listen_fd)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    run_http(archive, socket.socket(fileno=args.http_fd), (signal.SIGTERM,))
     server.shutdown()
     close_archive()
     return 0
@@ -282,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--config", type=Path, default=argparse.SUPPRESS, help="configuration directory"
         )
 
-    serve = sub.add_parser("serve", help="run the server (DICOM AE; DICOMweb once issue 3 lands)")
+    serve = sub.add_parser("serve", help="run the server (DICOM AE and DICOMweb)")
     common(serve)
     serve.add_argument("--dimse-port", type=int, default=None)
     serve.add_argument("--http-port", type=int, default=None)
@@ -304,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("dimse-worker", help=argparse.SUPPRESS)
     common(worker)
     worker.add_argument("--dimse-port", type=int, default=None)
+    worker.add_argument("--http-port", type=int, default=None)
     worker.add_argument("--listen-fd", type=int, required=True)
+    worker.add_argument("--http-fd", type=int, required=True)
     worker.add_argument("--parent-pid", type=int, required=True)
     worker.set_defaults(func=cmd_dimse_worker)
 

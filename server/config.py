@@ -43,6 +43,9 @@ class Settings:
     bind_address: str = "0.0.0.0"
     http_port: int = 8042
     http_bind_address: str = "127.0.0.1"
+    public_url: str = ""  # how clients reach us, if not the request's Host (proxies)
+    cors_origins: str = ""  # comma-separated origins allowed by CORS; "*" for any; "" = off
+    viewer_dir: Path = DEFAULT_CONFIG_DIR.parent / "viewer"
     max_pdu: int = 0
     max_associations: int = 32
     dimse_workers: int = 0  # processes accepting associations; 0 = one per core, at most 4
@@ -93,6 +96,9 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("query", "case_insensitive_pn"): ("case_insensitive_pn", bool),
     ("http", "port"): ("http_port", int),
     ("http", "bind"): ("http_bind_address", str),
+    ("http", "cors_origins"): ("cors_origins", str),
+    ("http", "public_url"): ("public_url", str),
+    ("http", "viewer_dir"): ("viewer_dir", Path),
 }
 _PEER_KEYS: dict[str, type] = {
     "ae_title": str,
@@ -294,13 +300,14 @@ def load_settings(
         raise ConfigError("workers must be 0 (one per core) or more", where_of["dimse_workers"])
     if plain.get("max_pdu", 0) < 0:
         raise ConfigError("max_pdu must be 0 (unlimited) or a positive size", where_of["max_pdu"])
-    data_dir = plain.get("data_dir", Settings.data_dir)
-    if (
-        not data_dir.is_absolute()
-        and "data_dir" in where_of
-        and where_of["data_dir"].startswith(str(directory))
-    ):
-        # A relative data_dir in the file is relative to the project root, next to ae_config/.
-        plain["data_dir"] = directory.resolve().parent / data_dir
+    for path_field in ("data_dir", "viewer_dir"):
+        path = plain.get(path_field)
+        if (
+            path is not None
+            and not path.is_absolute()
+            and where_of[path_field].startswith(str(directory))
+        ):
+            # A relative path in the file is relative to the project root, next to ae_config/.
+            plain[path_field] = directory.resolve().parent / path
     peers = _peers(directory / "peers.toml")
     return dataclasses.replace(Settings(), **plain, peers=peers, config_dir=directory)

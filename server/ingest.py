@@ -151,6 +151,7 @@ class Ingestor:
         source: str,
         expect_sop_class: str | None = None,
         expect_sop_instance: str | None = None,
+        expect_study: str | None = None,
     ) -> IngestResult:
         """Store one instance given as Part 10 bytes (or a bare dataset).
 
@@ -158,6 +159,12 @@ class Ingestor:
         """
         ds, encoded = _parse(data)
         uids = _validate(ds, expect_sop_class, expect_sop_instance)
+        if expect_study and uids["StudyInstanceUID"] != expect_study:
+            # PS3.18 10.5.1.2: a STOW-RS to /studies/{uid} stores only instances of that study.
+            raise DatasetMismatch(
+                f"StudyInstanceUID does not match the request: "
+                f"{uids['StudyInstanceUID']} vs {expect_study}"
+            )
         sop_uid = uids["SOPInstanceUID"]
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
 

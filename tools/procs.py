@@ -70,6 +70,18 @@ def answers(port: int, ae_title: str = "IMAGING") -> bool:
     return bool(assoc.is_rejected)
 
 
+def http_answers(base_url: str) -> bool:
+    """The HTTP side is up: any HTTP answer to a QIDO request counts."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base_url}/dicom-web/studies?limit=1", timeout=3):
+            return True
+    except urllib.error.HTTPError:
+        return True
+
+
 def wait_until(
     ready: Callable[[], bool],
     what: str,
@@ -194,8 +206,17 @@ class OurServer:
     database_url: str = ""
     ae_title: str = "IMAGING"
     port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.base_url}/dicom-web"
 
     def _cli(self, command: str) -> list[str]:
         cmd = [sys.executable, "-m", "server", "--config", str(self.config_dir), command]
@@ -209,7 +230,13 @@ class OurServer:
         self.log_path = self.data_dir.parent / f"ours-{self.port}.log"
         log_file: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
-            [*self._cli("serve"), "--dimse-port", str(self.port)],
+            [
+                *self._cli("serve"),
+                "--dimse-port",
+                str(self.port),
+                "--http-port",
+                str(self.http_port),
+            ],
             cwd=ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -217,7 +244,7 @@ class OurServer:
         )
         log_file.close()  # the child holds its own descriptor
         wait_until(
-            lambda: answers(self.port, self.ae_title),
+            lambda: answers(self.port, self.ae_title) and http_answers(self.base_url),
             "our server",
             timeout,
             self.proc,

@@ -281,3 +281,57 @@ def retrieve_items(query: Query) -> list[RetrieveItem]:
         )
         for r in select.dicts().iterator()
     ]
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance as WADO-RS needs it: where its file is and what it holds."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    file_path: str
+    metadata: str | None = None
+
+
+def stored_instances(
+    study: str, series: str | None = None, sop: str | None = None, *, metadata: bool = False
+) -> list[StoredInstance]:
+    """The instances of a study, series or single instance, in series/instance-number order.
+
+    UIDs are compared as values, never used as paths."""
+    columns = [
+        Study.study_instance_uid,
+        Series.series_instance_uid,
+        Instance.sop_class_uid,
+        Instance.sop_instance_uid,
+        Instance.transfer_syntax_uid,
+        Instance.file_path,
+    ]
+    if metadata:
+        columns.append(Instance.metadata)
+    select = (
+        Instance.select(*columns)
+        .join(Series, on=(Instance.series == Series.id))
+        .join(Study, on=(Series.study == Study.id))
+        .where(Study.study_instance_uid == study)
+    )
+    if series is not None:
+        select = select.where(Series.series_instance_uid == series)
+    if sop is not None:
+        select = select.where(Instance.sop_instance_uid == sop)
+    select = select.order_by(Series.id, Instance.instance_number, Instance.id)
+    return [
+        StoredInstance(
+            r["study_instance_uid"],
+            r["series_instance_uid"],
+            r["sop_class_uid"],
+            r["sop_instance_uid"],
+            r["transfer_syntax_uid"],
+            r["file_path"],
+            r.get("metadata"),
+        )
+        for r in select.dicts().iterator()
+    ]

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -181,3 +181,122 @@ def parse_identifier(
         constraints=_parse_elements(identifier),
         case_insensitive_pn=case_insensitive_pn,
     )
+
+
+# --- QIDO-RS (PS3.18 8.3.4, 10.6) -------------------------------------------------------------
+
+QIDO_CONTROL = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
+
+
+def attribute_tag(name: str) -> int:
+    """A QIDO attribute ID: a keyword (``PatientID``) or eight hex digits (``00100020``)."""
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        return int(name, 16)
+    tag = tag_for_keyword(name)
+    if tag is None:
+        raise QueryError(f"unknown attribute {name!r}")
+    return int(tag)
+
+
+def vr_of(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    # Ambiguous dictionary VRs ("US or SS") fall back to the first alternative.
+    return vr.split(" or ")[0]
+
+
+@dataclass(frozen=True)
+class QidoRequest:
+    query: Query
+    include_all: bool
+    fuzzy_requested: bool
+
+
+def parse_qido(
+    level: Level,
+    params: Sequence[tuple[str, str]],
+    scope: Sequence[tuple[int, str]] = (),
+    *,
+    default_return: Sequence[int] = (),
+    case_insensitive_pn: bool = True,
+) -> QidoRequest:
+    """Compile QIDO-RS query parameters into a :class:`Query` (PS3.18 8.3.4).
+
+    ``params`` are the decoded ``(name, value)`` pairs of the query string; ``scope`` the UIDs of
+    the resource path (``/studies/{uid}/series``).  Matching follows C-FIND matching (PS3.18
+    8.3.4.1): ``*``/``?`` wildcards, ``-`` ranges, ``\\``-separated value lists (for UIDs also
+    ``,``).  ``includefield`` may repeat or carry a comma-separated list; ``all`` returns every
+    attribute.  Raises :class:`QueryError` (an HTTP 400) on anything malformed.
+    """
+    values: dict[int, list[str]] = {}
+    include: list[int] = []
+    include_all = False
+    fuzzy = False
+    limit: int | None = None
+    offset = 0
+    for name, value in params:
+        if name == "includefield":
+            for item in value.split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                if item == "all":
+                    include_all = True
+                elif "." in item:
+                    include.append(attribute_tag(item.split(".")[0]))  # a sequence path
+                else:
+                    include.append(attribute_tag(item))
+        elif name == "limit":
+            limit = _non_negative(name, value)
+        elif name == "offset":
+            offset = _non_negative(name, value)
+        elif name == "fuzzymatching":
+            if value.lower() not in ("true", "false"):
+                raise QueryError("fuzzymatching must be true or false")
+            fuzzy = value.lower() == "true"
+        elif name.startswith("_") or name in ("accept", "charset"):
+            continue  # the accept/charset query parameters (PS3.18 8.3.3.1) are not matching
+        else:
+            if "." in name:
+                raise QueryError(f"sequence matching ({name}) is not supported in QIDO-RS")
+            tag = attribute_tag(name)
+            values.setdefault(tag, []).append(value)
+    for tag, uid in scope:
+        values[tag] = [uid]
+    constraints: list[Constraint] = []
+    for tag, texts in values.items():
+        vr = vr_of(tag)
+        items: list[str] = []
+        for text in texts:
+            parts = text.split("\\")
+            if vr == "UI":
+                parts = [p for part in parts for p in part.split(",")]
+            items.extend(parts)
+        if vr == "SQ":
+            raise QueryError(f"sequence matching ({tag:08X}) is not supported in QIDO-RS")
+        constraints.append(constraint(tag, vr, items))
+    present = set(values)
+    for tag in (*default_return, *include):
+        if tag not in present:
+            present.add(tag)
+            constraints.append(Constraint(tag, vr_of(tag)))
+    query = Query(
+        level=level,
+        constraints=tuple(constraints),
+        case_insensitive_pn=case_insensitive_pn,
+        limit=limit,
+        offset=offset,
+    )
+    return QidoRequest(query, include_all, fuzzy)
+
+
+def _non_negative(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise QueryError(f"{name} must be a non-negative integer, got {value!r}") from None
+    if number < 0:
+        raise QueryError(f"{name} must be a non-negative integer, got {value!r}")
+    return number

@@ -59,17 +59,18 @@ def die_with_parent(parent_pid: int) -> None:
 class Supervisor:
     """Starts the workers, restarts any that die, and stops them all on request."""
 
-    def __init__(self, argv: Sequence[str], sock: socket.socket, count: int) -> None:
+    def __init__(self, argv: Sequence[str], sockets: Sequence[socket.socket], count: int) -> None:
         self.argv = list(argv)
-        self.sock = sock
+        self.sockets = list(sockets)  # DIMSE, then HTTP
         self.count = count
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stopping = threading.Event()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        fd = self.sock.fileno()
-        cmd = [*self.argv, "--listen-fd", str(fd), "--parent-pid", str(os.getpid())]
-        return subprocess.Popen(cmd, pass_fds=(fd,))
+        dimse, http = (s.fileno() for s in self.sockets)
+        cmd = [*self.argv, "--listen-fd", str(dimse), "--http-fd", str(http)]
+        cmd += ["--parent-pid", str(os.getpid())]
+        return subprocess.Popen(cmd, pass_fds=(dimse, http))
 
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
@@ -117,6 +118,8 @@ def worker_argv(args_config: str | None, settings: Settings) -> list[str]:
         settings.ae_title,
         "--dimse-port",
         str(settings.dimse_port),
+        "--http-port",
+        str(settings.http_port),
     ]
     if settings.database_url:
         argv += ["--database-url", settings.database_url]

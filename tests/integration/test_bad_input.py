@@ -232,28 +232,36 @@ def test_port_in_use_is_a_clear_error(server: ServerProcess, tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from tests.helpers import ROOT, write_config
+    from tests.helpers import ROOT, free_port, write_config
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--config",
-            str(write_config(tmp_path / "c")),
-            "--data-dir",
-            str(tmp_path / "d"),
-            "--dimse-port",
-            str(server.port),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    def serve(dimse_port: int, http_port: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--config",
+                str(write_config(tmp_path / "c")),
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--dimse-port",
+                str(dimse_port),
+                "--http-port",
+                str(http_port),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    result = serve(server.port, free_port())
     assert result.returncode == 2
-    assert f"cannot listen on 0.0.0.0:{server.port}" in result.stderr
+    assert f"cannot listen for DICOM on 0.0.0.0:{server.port}" in result.stderr
+    result = serve(free_port(), server.http_port)
+    assert result.returncode == 2
+    assert f"cannot listen for HTTP on 127.0.0.1:{server.http_port}" in result.stderr
 
 
 def test_duplicate_policy_replace(server_factory) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,81 @@
+"""The Starlette application: DICOMweb at ``/dicom-web`` and the viewer at ``/viewer``."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from server.archive import Archive
+from server.dicom.pixels import PixelError
+from server.errors import QueryError
+from server.web.dicomweb.routes import PREFIX, dicomweb_routes
+from server.web.http import HTTPError, error_response
+
+log = logging.getLogger(__name__)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPError)
+    return error_response(exc.status, exc.message, exc.code)
+
+
+async def _pixel_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PixelError)
+    return error_response(exc.status, str(exc))
+
+
+async def _query_error(request: Request, exc: Exception) -> Response:
+    return error_response(400, str(exc))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+def _cors(origins: str) -> list[Middleware]:
+    allowed = [o.strip() for o in origins.split(",") if o.strip()]
+    if not allowed:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=allowed,
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Warning", "Content-Location", "Content-Type"],
+            max_age=600,
+        )
+    ]
+
+
+def build_app(archive: Archive) -> Starlette:
+    settings = archive.settings
+    routes: list[BaseRoute] = [Mount(PREFIX, routes=dicomweb_routes(archive))]
+    if (settings.viewer_dir / "index.html").is_file():
+        from server.web.viewer import viewer_routes
+
+        routes += viewer_routes(settings.viewer_dir)
+
+        async def home(request: Request) -> Response:
+            return RedirectResponse("/viewer/")
+
+        routes.append(Route("/", home))
+    app = Starlette(
+        routes=routes,
+        middleware=_cors(settings.cors_origins),
+        exception_handlers={
+            HTTPError: _http_error,
+            PixelError: _pixel_error,
+            QueryError: _query_error,
+            Exception: _unexpected,
+        },
+    )
+    app.state.public_url = settings.public_url.rstrip("/")
+    return app

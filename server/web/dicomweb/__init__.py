@@ -1,0 +1,1 @@
+"""DICOMweb services (PS3.18): QIDO-RS, WADO-RS and STOW-RS under ``/dicom-web``."""
