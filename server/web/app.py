@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -32,6 +33,13 @@ async def _pixel_error(request: Request, exc: Exception) -> Response:
 
 async def _query_error(request: Request, exc: Exception) -> Response:
     return error_response(400, str(exc))
+
+
+async def _starlette_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return error_response(404, f"no resource at {request.url.path}")
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -72,6 +80,7 @@ def build_app(archive: Archive) -> Starlette:
         middleware=_cors(settings.cors_origins),
         exception_handlers={
             HTTPError: _http_error,
+            StarletteHTTPException: _starlette_http,
             PixelError: _pixel_error,
             QueryError: _query_error,
             Exception: _unexpected,

@@ -8,6 +8,7 @@ same envelope shape as the JSON APIs (``shared/spec/workstation-api.md``) withou
 from __future__ import annotations
 
 import gzip
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -42,11 +43,13 @@ _CODES = {
 }
 
 
-def error_response(status: int, message: str, code: str = "") -> Response:
+def error_response(
+    status: int, message: str, code: str = "", headers: Mapping[str, str] | None = None
+) -> Response:
     body = orjson.dumps(
         {"error": {"code": code or _CODES.get(status, "ERROR"), "message": message}}
     )
-    return Response(body, status_code=status, media_type="application/json")
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 @dataclass(frozen=True)

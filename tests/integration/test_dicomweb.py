@@ -334,6 +334,10 @@ def test_wado_metadata_has_bulk_data_uris(archive: Archive) -> None:
     assert _value(first, "00180060") == 120  # KVP as DS
     pixel = first["7FE00010"]
     assert pixel["BulkDataURI"].startswith(f"{archive.root}/studies/{archive.ct.study_uid}/")
+    # The URI leads to the pixel data of that very instance.
+    bulk = archive.client.retrieve_bulkdata(pixel["BulkDataURI"])
+    originals = {dcmread(p).SOPInstanceUID: dcmread(p) for p in archive.ct_files}
+    assert bulk[0] == originals[_value(first, "00080018")].PixelData
     study_meta = archive.client.retrieve_study_metadata(archive.ct.study_uid)
     assert len(study_meta) == 6
     gz = archive.http.get(
@@ -451,9 +455,11 @@ def test_wado_unknown_resources_answer_404(archive: Archive) -> None:
         f"/studies/{archive.ct.study_uid}/series/{fake}",
         f"/studies/{archive.ct.study_uid}/series/{fake}/instances/{fake}/frames/1",
         "/studies/../../etc/passwd/metadata",
+        "/no/such/route",
     ):
         response = archive.http.get(path)
         assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "NOT_FOUND"
 
 
 # --- STOW-RS ---------------------------------------------------------------------------------

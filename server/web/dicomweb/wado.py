@@ -201,7 +201,10 @@ class Wado:
             if '"00280010"' in text and '"7FE00010"' not in text:
                 # The stored header stops before the pixel data (PS3.18 F.2.7: bulk data by URI).
                 vr = "OB" if '"00280100":{"vr":"US","Value":[8]}' in text else "OW"
-                text = f'{text[:-1]},"7FE00010":{{"vr":"{vr}","BulkDataURI":"{url}/frames"}}}}'
+                text = (
+                    f'{text[:-1]},"7FE00010":{{"vr":"{vr}",'
+                    f'"BulkDataURI":"{url}/bulkdata/7FE00010"}}}}'
+                )
             parts.append(text)
         self._audit(request, "wado-metadata", scope, len(items))
         return json_response(request, ("[" + ",".join(parts) + "]").encode())
