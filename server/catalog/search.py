@@ -14,6 +14,7 @@ from typing import Any
 
 from peewee import SQL, NodeList, Value, fn
 
+from server.catalog.db import database, is_postgres
 from server.catalog.schema import Instance, Patient, Series, Study, ci_column
 from server.dicom import json as dicom_json
 from server.dicom.attributes import BY_TAG, INTEGER_VRS, Attribute, Level
@@ -296,42 +297,32 @@ class StoredInstance:
     metadata: str | None = None
 
 
+_STORED_SQL: dict[tuple[bool, bool, bool, str], str] = {}
+
+
 def stored_instances(
     study: str, series: str | None = None, sop: str | None = None, *, metadata: bool = False
 ) -> list[StoredInstance]:
     """The instances of a study, series or single instance, in series/instance-number order.
 
-    UIDs are compared as values, never used as paths."""
-    columns = [
-        Study.study_instance_uid,
-        Series.series_instance_uid,
-        Instance.sop_class_uid,
-        Instance.sop_instance_uid,
-        Instance.transfer_syntax_uid,
-        Instance.file_path,
-    ]
-    if metadata:
-        columns.append(Instance.metadata)
-    select = (
-        Instance.select(*columns)
-        .join(Series, on=(Instance.series == Series.id))
-        .join(Study, on=(Series.study == Study.id))
-        .where(Study.study_instance_uid == study)
-    )
-    if series is not None:
-        select = select.where(Series.series_instance_uid == series)
-    if sop is not None:
-        select = select.where(Instance.sop_instance_uid == sop)
-    select = select.order_by(Series.id, Instance.instance_number, Instance.id)
-    return [
-        StoredInstance(
-            r["study_instance_uid"],
-            r["series_instance_uid"],
-            r["sop_class_uid"],
-            r["sop_instance_uid"],
-            r["transfer_syntax_uid"],
-            r["file_path"],
-            r.get("metadata"),
+    UIDs are compared as values, never used as paths.  The SQL is written once per shape:
+    a viewer asks for every frame separately, and Peewee's query builder would cost more than
+    the query itself.
+    """
+    param = "%s" if is_postgres() else "?"
+    key = (series is not None, sop is not None, metadata, param)
+    sql = _STORED_SQL.get(key)
+    if sql is None:
+        sql = (
+            'SELECT st."study_instance_uid", se."series_instance_uid", i."sop_class_uid", '
+            'i."sop_instance_uid", i."transfer_syntax_uid", i."file_path"'
+            + (', i."metadata"' if metadata else "")
+            + ' FROM "instance" AS i JOIN "series" AS se ON i."series_id" = se."id" '
+            f'JOIN "study" AS st ON se."study_id" = st."id" WHERE st."study_instance_uid" = {param}'
+            + (f' AND se."series_instance_uid" = {param}' if series is not None else "")
+            + (f' AND i."sop_instance_uid" = {param}' if sop is not None else "")
+            + ' ORDER BY se."id", i."instance_number", i."id"'
         )
-        for r in select.dicts().iterator()
-    ]
+        _STORED_SQL[key] = sql
+    params = [uid for uid in (study, series, sop) if uid is not None]
+    return [StoredInstance(*row) for row in database.execute_sql(sql, params).fetchall()]

@@ -10,6 +10,8 @@ pyjpegls and openjpeg to encode.
 from __future__ import annotations
 
 import io
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,14 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom import uid as uids
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
+from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import pixel_array
+from pydicom.tag import Tag
 
 from server.errors import ServerError
 
@@ -82,7 +86,9 @@ _PIXEL_KEYWORDS = (
     "WindowCenter",
     "WindowWidth",
     "VOILUTFunction",
+    "NumberOfFrames",
 )
+_PIXEL_TAGS = {k: f"{tag_for_keyword(k):08X}" for k in _PIXEL_KEYWORDS}
 
 
 class PixelError(ServerError):
@@ -131,7 +137,7 @@ class Frames:
 
     path: Path
     syntax: str
-    header: Dataset
+    header: dict[str, Any]  # pixel module attributes by keyword, first value only
     count: int
     _raw: RawDataElement | None
 
@@ -144,11 +150,7 @@ class Frames:
             raise PixelError(f"frame {number} does not exist (the instance has {self.count})")
 
     def _frame_size(self) -> int:
-        h = self.header
-        bits = int(h.BitsAllocated)
-        if bits % 8:
-            raise PixelError("bit-packed pixel data cannot be cut into frames", 406)
-        return int(h.Rows) * int(h.Columns) * int(h.get("SamplesPerPixel", 1)) * bits // 8
+        return _frame_size(self.header)
 
     def stored(self, number: int) -> bytes:
         """The frame as stored: raw little-endian pixels, or the compressed bitstream."""
@@ -198,11 +200,11 @@ class Frames:
         array = self.decoded(number)
         h = self.header
         kwargs: dict[str, Any] = {
-            "rows": int(h.Rows),
-            "columns": int(h.Columns),
+            "rows": int(h["Rows"]),
+            "columns": int(h["Columns"]),
             "samples_per_pixel": int(h.get("SamplesPerPixel", 1)),
-            "bits_allocated": int(h.BitsAllocated),
-            "bits_stored": int(h.get("BitsStored", h.BitsAllocated)),
+            "bits_allocated": int(h["BitsAllocated"]),
+            "bits_stored": int(h.get("BitsStored", h["BitsAllocated"])),
             "pixel_representation": int(h.get("PixelRepresentation", 0)),
             "photometric_interpretation": str(h.get("PhotometricInterpretation", "MONOCHROME2")),
             "planar_configuration": 0,
@@ -216,8 +218,76 @@ class Frames:
             raise PixelError(f"cannot encode this frame as {target}: {exc}", 406) from exc
 
 
-def open_frames(path: Path) -> Frames:
-    """Read the header of a stored file and locate its pixel data without loading it."""
+def _frame_size(header: dict[str, Any]) -> int:
+    bits = int(header.get("BitsAllocated") or 0)
+    if bits % 8 or not bits:
+        raise PixelError("bit-packed pixel data cannot be cut into frames", 406)
+    samples = int(header.get("SamplesPerPixel") or 1)
+    return int(header["Rows"]) * int(header["Columns"]) * samples * bits // 8
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, MultiValue | list | tuple):
+        return value[0] if len(value) else None
+    return value
+
+
+def header_from_json(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The pixel module attributes from an instance's stored DICOM JSON."""
+    header: dict[str, Any] = {}
+    for keyword in _PIXEL_KEYWORDS:
+        element = metadata.get(_PIXEL_TAGS[keyword])
+        values = element.get("Value") if element else None
+        if values:
+            header[keyword] = values[0]
+    return header
+
+
+def _locate_native(path: Path, syntax: str, header: dict[str, Any], count: int) -> int | None:
+    """File offset of the pixel data value of an uncompressed file, found without parsing.
+
+    Pixel Data is nearly always the last element; its expected length follows from the header,
+    so the 12 bytes before ``file size - length`` must be its element header.  Anything else
+    (trailing elements, odd lengths) returns None and the caller parses the file instead.
+    """
+    length = _frame_size(header) * count
+    length += length & 1
+    try:
+        size = os.stat(path).st_size
+        offset = size - length
+        if offset < 144:
+            return None
+        with open(path, "rb") as fh:
+            fh.seek(offset - 12)
+            head = fh.read(12)
+    except OSError:
+        return None
+    tag = b"\xe0\x7f\x10\x00"
+    expected_length = struct.pack("<I", length)
+    if syntax == uids.ImplicitVRLittleEndian:
+        ok = head[4:8] == tag and head[8:12] == expected_length
+    else:
+        ok = head[0:4] == tag and head[4:6] in (b"OW", b"OB") and head[8:12] == expected_length
+    return offset if ok else None
+
+
+def open_frames(path: Path, syntax: str = "", metadata: dict[str, Any] | None = None) -> Frames:
+    """Locate the pixel data of a stored file without loading it.
+
+    With the catalog's transfer syntax and stored header an uncompressed file is not parsed at
+    all (:func:`_locate_native`); otherwise pydicom reads the header with deferred values.
+    """
+    if metadata is not None and syntax in _OFFSET_SYNTAXES:
+        header = header_from_json(metadata)
+        if "Rows" in header and "Columns" in header and "BitsAllocated" in header:
+            count = int(header.get("NumberOfFrames") or 1)
+            try:
+                offset = _locate_native(path, syntax, header, count)
+            except (PixelError, ValueError, TypeError):
+                offset = None
+            if offset is not None:
+                raw = RawDataElement(Tag(0x7FE00010), "OW", 0, None, offset, False, True)
+                return Frames(path, syntax, header, count, raw)
     try:
         ds = dcmread(path, defer_size=4096)
     except Exception as exc:
@@ -228,10 +298,7 @@ def open_frames(path: Path) -> Frames:
         element = ds.get_item(tag)
         if element is not None:
             break
-    header = Dataset()
-    for keyword in _PIXEL_KEYWORDS:
-        if keyword in ds:
-            setattr(header, keyword, ds[keyword].value)
+    header = {k: _first(ds[k].value) for k in _PIXEL_KEYWORDS if k in ds}
     if element is None or "Rows" not in header:
         raise PixelError("the instance has no pixel data")
     count = int(ds.get("NumberOfFrames") or 1)

@@ -9,8 +9,10 @@ status is 200 (all stored), 202 (some failed) or 409 (none stored).
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -25,6 +27,7 @@ from server.ingest import IngestResult
 from server.web.http import HTTPError, client_address, json_response, parse_media_type
 from server.web.multipart import read_parts
 
+INGEST_CONCURRENCY = 4  # parts of one request being ingested at once
 MAX_PART = 2 << 30  # bytes; one instance is held in memory while it is ingested
 _DICOM = "application/dicom"
 _PROCESSING_FAILURE = 0x0110
@@ -37,6 +40,14 @@ def _uid_values(body: bytes) -> tuple[str, str]:
         return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
     except Exception:
         return "", ""
+
+
+@dataclass(frozen=True)
+class Failure:
+    sop_class_uid: str
+    sop_instance_uid: str
+    status: int
+    reason: str
 
 
 def _ui(value: str) -> dict[str, Any]:
@@ -71,29 +82,42 @@ class Stow:
         boundary = self._check_content_type(request)
         root = self.root_of(request)
         actor = client_address(request)
-        stored: list[IngestResult] = []
-        failed: list[tuple[str, str, int, str]] = []
-        async for part in read_parts(request.stream(), boundary, MAX_PART):
-            part_type = parse_media_type(part.content_type or _DICOM).type
-            if part_type != _DICOM:
-                failed.append(("", "", 0xC000, f"part of type {part_type} is not {_DICOM}"))
-                continue
+        # Parts are ingested while the next ones arrive, a few at a time: each instance waits
+        # for its file and catalog fsyncs, and overlapping them is what makes STOW fast.
+        slots: list[asyncio.Task[IngestResult | Failure] | Failure] = []
+        gate = asyncio.Semaphore(INGEST_CONCURRENCY)
+
+        async def ingest(body: bytes) -> IngestResult | Failure:
             try:
-                result = await run_in_threadpool(
+                return await run_in_threadpool(
                     self.archive.ingestor.ingest,
-                    part.body,
+                    body,
                     source=f"STOW {actor}",
                     expect_study=study,
                 )
             except IngestError as exc:
-                sop_class, sop_uid = _uid_values(part.body)
-                failed.append((sop_class, sop_uid, exc.status, str(exc)))
-                continue
+                return Failure(*_uid_values(body), exc.status, str(exc))
             except Exception as exc:  # never lose the request's other parts to one bad one
-                sop_class, sop_uid = _uid_values(part.body)
-                failed.append((sop_class, sop_uid, _PROCESSING_FAILURE, str(exc)))
-                continue
-            stored.append(result)
+                return Failure(*_uid_values(body), _PROCESSING_FAILURE, str(exc))
+            finally:
+                gate.release()
+
+        try:
+            async for part in read_parts(request.stream(), boundary, MAX_PART):
+                part_type = parse_media_type(part.content_type or _DICOM).type
+                if part_type != _DICOM:
+                    slots.append(Failure("", "", 0xC000, f"part of type {part_type} is not DICOM"))
+                    continue
+                await gate.acquire()
+                slots.append(asyncio.create_task(ingest(part.body)))
+        finally:
+            # Whatever happens to the request, the parts already handed to ingest finish.
+            pending = [s for s in slots if isinstance(s, asyncio.Task)]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        outcomes = [s.result() if isinstance(s, asyncio.Task) else s for s in slots]
+        stored = [o for o in outcomes if isinstance(o, IngestResult)]
+        failed = [o for o in outcomes if isinstance(o, Failure)]
         if not stored and not failed:
             raise HTTPError(400, "the request contains no instance")
         body: dict[str, Any] = {}
@@ -105,11 +129,11 @@ class Stow:
                 "vr": "SQ",
                 "Value": [
                     {
-                        "00081150": _ui(sop_class),
-                        "00081155": _ui(sop_uid),
-                        "00081197": {"vr": "US", "Value": [status]},
+                        "00081150": _ui(f.sop_class_uid),
+                        "00081155": _ui(f.sop_instance_uid),
+                        "00081197": {"vr": "US", "Value": [f.status]},
                     }
-                    for sop_class, sop_uid, status, _ in failed
+                    for f in failed
                 ],
             }
         if stored:
@@ -138,12 +162,12 @@ class Stow:
             study=study,
             stored=len(stored),
             failed=len(failed),
-            reasons=[reason[:200] for *_, reason in failed[:20]],
+            reasons=[f.reason[:200] for f in failed[:20]],
         )
         headers = {}
         if failed:
             headers["Warning"] = (
                 f'299 imaging-server "{len(failed)} of {len(failed) + len(stored)} instances '
-                f'were not stored: {failed[0][3][:150]}"'.replace("\n", " ")
+                f'were not stored: {failed[0].reason[:150]}"'.replace("\n", " ")
             )
         return json_response(request, orjson.dumps(body), status, headers)

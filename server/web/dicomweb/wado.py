@@ -10,10 +10,11 @@ so it never reopens a file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from pydicom import dcmread
 from pydicom import uid as uids
 from starlette.requests import Request
@@ -119,6 +120,18 @@ def _parse_frame_numbers(text: str) -> list[int]:
     return numbers
 
 
+def pieces_response(pieces: list[bytes], media_type: str) -> Response:
+    """A body sent as it is held, piece by piece, with its length known: joining the pieces
+    would copy every frame once more."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    length = str(sum(len(p) for p in pieces))
+    return StreamingResponse(body(), media_type=media_type, headers={"Content-Length": length})
+
+
 class Wado:
     """The WADO-RS endpoints of one archive."""
 
@@ -135,6 +148,10 @@ class Wado:
 
     def _path(self, item: StoredInstance) -> Path:
         return self.archive.storage.path_of(item.file_path)
+
+    def _frames(self, item: StoredInstance) -> Frames:
+        metadata = orjson.loads(item.metadata) if item.metadata else None
+        return open_frames(self._path(item), item.transfer_syntax_uid, metadata)
 
     def _audit(self, request: Request, action: str, scope: Scope, count: int) -> None:
         self.archive.audit.record(
@@ -213,8 +230,8 @@ class Wado:
 
     def frames(self, request: Request, scope: Scope, frame_list: str) -> Response:
         numbers = _parse_frame_numbers(frame_list)
-        item = self._instances(scope)[0]
-        frames = open_frames(self._path(item))
+        item = self._instances(scope, metadata=True)[0]
+        frames = self._frames(item)
         encoding = choose_frame_encoding(parse_accept(request), frames)
         if encoding is None:
             raise HTTPError(
@@ -231,17 +248,20 @@ class Wado:
         self._audit(request, "wado-frames", scope, 1)
         writer = MultipartWriter()
         part_type = f"{media}; transfer-syntax={syntax}"
-        body = b"".join(writer.part_header(part_type) + data for data in payloads) + writer.close()
-        return Response(body, media_type=writer.content_type(media, **{"transfer-syntax": syntax}))
+        pieces: list[bytes] = []
+        for data in payloads:
+            pieces += (writer.part_header(part_type), data)
+        pieces.append(writer.close())
+        return pieces_response(pieces, writer.content_type(media, **{"transfer-syntax": syntax}))
 
     def bulkdata(self, request: Request, scope: Scope, tag_text: str) -> Response:
         try:
             tag = int(tag_text, 16)
         except ValueError:
             raise HTTPError(400, f"{tag_text!r} is not a tag (eight hex digits)") from None
-        item = self._instances(scope)[0]
+        item = self._instances(scope, metadata=True)[0]
         if tag == 0x7FE00010:
-            frames = open_frames(self._path(item))
+            frames = self._frames(item)
             data = b"".join(frames.stored(n) for n in range(1, frames.count + 1))
             media = frames.stored_media_type
             syntax = frames.syntax
@@ -293,14 +313,14 @@ class Wado:
         out = []
         for item in items:
             try:
-                out.append((item, open_frames(self._path(item))))
+                out.append((item, self._frames(item)))
             except PixelError:
                 continue  # SR, SEG without frames, ...: nothing to draw
         return out
 
     def rendered(self, request: Request, scope: Scope, frame_list: str | None = None) -> Response:
         options = self._render_options(request, thumbnail=False)
-        items = self._instances(scope)
+        items = self._instances(scope, metadata=True)
         renderable = self._renderable(items)
         if not renderable:
             raise HTTPError(404, f"{scope.describe()} has no image to render")
@@ -318,7 +338,7 @@ class Wado:
 
     def thumbnail(self, request: Request, scope: Scope, frame: int | None = None) -> Response:
         options = self._render_options(request, thumbnail=True)
-        items = self._instances(scope)
+        items = self._instances(scope, metadata=True)
         if scope.sop is None:
             # A representative image: the middle instance of the (first) series.
             first_series = items[0].series_instance_uid
@@ -327,7 +347,7 @@ class Wado:
             items = series_items[middle:] + series_items[:middle] + items[len(series_items) :]
         for item in items:
             try:
-                frames = open_frames(self._path(item))
+                frames = self._frames(item)
             except PixelError:
                 continue
             number = frame or max(1, (frames.count + 1) // 2)
