@@ -119,11 +119,12 @@ def transcode(path: Path, target: str) -> bytes:
     if stored == target:
         return path.read_bytes()
     if "PixelData" in ds and stored not in NATIVE_SYNTAXES:
-        ds.decompress()  # now Explicit VR Little Endian
+        # The same instance in another encoding: lossless, so it keeps its SOP Instance UID.
+        ds.decompress(generate_instance_uid=False)  # now Explicit VR Little Endian
     if target in (uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian):
         ds.file_meta.TransferSyntaxUID = uids.UID(target)
     elif "PixelData" in ds:
-        ds.compress(target)
+        ds.compress(target, generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = uids.ExplicitVRLittleEndian
     out = io.BytesIO()

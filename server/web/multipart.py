@@ -84,17 +84,26 @@ async def read_parts(
                 finished = True
                 break
             end = buf.find(b"\r\n" + delimiter, scan)
+            if end >= 0:
+                after = end + 2 + len(delimiter)
+                if len(buf) < after + 2:
+                    break  # wait for the bytes that say whether this is really a delimiter
+                follow = bytes(buf[after : after + 2])
+                if follow not in (b"--", b"\r\n") and follow[:1] not in (b" ", b"\t"):
+                    scan = end + 1  # the boundary text followed by more text: part content
+                    continue
             if end < 0:
                 if len(buf) > max_part:
                     raise HTTPError(413, f"a part is larger than {max_part} bytes")
                 scan = max(0, len(buf) - len(delimiter) - 2)
                 break
             scan = 0
-            raw = bytes(buf[:end])
-            del buf[: end + 2 + len(delimiter)]
-            head, sep, body = raw.partition(b"\r\n\r\n")
-            if not sep:
+            split = buf.find(b"\r\n\r\n", 0, end)
+            if split < 0:
                 raise HTTPError(400, "multipart part lacks the blank line after its headers")
+            head = bytes(buf[:split])
+            body = bytes(buf[split + 4 : end])  # the one copy of the part's content
+            del buf[: end + 2 + len(delimiter)]
             yield Part(_parse_headers(head.lstrip(b" \t").removeprefix(b"\r\n")), body)
         if finished:
             break

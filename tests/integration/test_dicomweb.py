@@ -258,6 +258,7 @@ def test_wado_transcodes_to_a_requested_syntax(archive: Archive, syntax: str) ->
         media_types=(("application/dicom", syntax),),
     )
     assert ds.file_meta.TransferSyntaxUID == syntax
+    assert ds.SOPInstanceUID == original.SOPInstanceUID  # the same instance, re-encoded
     assert np.array_equal(ds.pixel_array, original.pixel_array)  # lossless
 
 

@@ -27,7 +27,7 @@ from server.ingest import IngestResult
 from server.web.http import HTTPError, client_address, json_response, parse_media_type
 from server.web.multipart import read_parts
 
-INGEST_CONCURRENCY = 4  # parts of one request being ingested at once
+INGEST_CONCURRENCY = 8  # parts of one request being ingested at once
 MAX_PART = 2 << 30  # bytes; one instance is held in memory while it is ingested
 _DICOM = "application/dicom"
 _PROCESSING_FAILURE = 0x0110
