@@ -133,6 +133,41 @@ def cmd_dimse_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apikey(args: argparse.Namespace) -> int:
+    """Worklist API keys: create (prints the key once), list, revoke."""
+    from server import apikeys
+    from server.archive import close_archive, open_archive
+
+    open_archive(_settings(args))
+    try:
+        if args.apikey_command == "create":
+            try:
+                key, info = apikeys.create(args.institution, args.name or "")
+            except ValueError as exc:
+                print(str(exc), file=sys.stderr)
+                return 2
+            print(key)
+            print(
+                f"key {info.id} ({info.prefix}...) for institution {info.institution!r}; "
+                "store it now: it cannot be shown again",
+                file=sys.stderr,
+            )
+        elif args.apikey_command == "list":
+            for k in apikeys.list_keys(args.institution):
+                state = "revoked" if k.revoked_at else "active"
+                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created_at))
+                print(f"{k.id}\t{k.prefix}...\t{k.institution}\t{k.name}\t{created}\t{state}")
+        else:
+            revoked = apikeys.revoke(args.key)
+            if revoked is None:
+                print(f"no API key {args.key!r}", file=sys.stderr)
+                return 1
+            print(f"revoked key {revoked.id} ({revoked.prefix}...) of {revoked.institution!r}")
+        return 0
+    finally:
+        close_archive()
+
+
 def _walk(paths: Sequence[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
@@ -326,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--http-fd", type=int, required=True)
     worker.add_argument("--parent-pid", type=int, required=True)
     worker.set_defaults(func=cmd_dimse_worker)
+
+    keys = sub.add_parser("apikey", help="worklist API keys: create, list, revoke")
+    common(keys)
+    keys_sub = keys.add_subparsers(dest="apikey_command", required=True)
+    key_create = keys_sub.add_parser("create", help="create a key (printed once)")
+    key_create.add_argument("--institution", required=True, help="the tenant the key belongs to")
+    key_create.add_argument("--name", help="a label, e.g. the system that uses it")
+    key_list = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    key_list.add_argument("--institution", default=None)
+    key_revoke = keys_sub.add_parser("revoke", help="revoke a key by id or prefix")
+    key_revoke.add_argument("key", help="the key's id or its first characters")
+    keys.set_defaults(func=cmd_apikey)
 
     ech = sub.add_parser("echo", help="C-ECHO a peer from peers.toml")
     common(ech)

@@ -15,6 +15,7 @@ from server.catalog.schema import create_schema
 from server.config import Settings
 from server.ingest import Ingestor
 from server.storage import Storage
+from server.worklist.service import StudyLinker
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def open_archive(settings: Settings) -> Archive:
             log.warning("recovered interrupted writes: %d kept, %d orphans removed", kept, removed)
     fcntl.flock(fd, fcntl.LOCK_SH)
     ingestor = Ingestor(storage, duplicates=settings.duplicates)
+    ingestor.subscribe(StudyLinker())  # images arriving for a worklist item link its study
     return Archive(settings, storage, ingestor, AuditLog(storage.root / "audit.log"), fd)
 
 

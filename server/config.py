@@ -35,6 +35,7 @@ class Peer:
     retrieve: bool = True
     move_destination: bool = True
     store: bool = True
+    institution: str = ""  # worklist tenant: the MWL/MPPS items this AE sees ("" = none)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Settings:
     duplicates: str = "ignore"
     sqlite_synchronous: str = "FULL"
     case_insensitive_pn: bool = True
+    unknown_aes_institution: str = ""  # worklist tenant of calling AEs not in peers.toml
     peers: tuple[Peer, ...] = field(default_factory=tuple)
     config_dir: Path = DEFAULT_CONFIG_DIR
 
@@ -96,6 +98,7 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("storage", "duplicates"): ("duplicates", str),
     ("storage", "sqlite_synchronous"): ("sqlite_synchronous", str),
     ("query", "case_insensitive_pn"): ("case_insensitive_pn", bool),
+    ("worklist", "unknown_aes_institution"): ("unknown_aes_institution", str),
     ("http", "port"): ("http_port", int),
     ("http", "bind"): ("http_bind_address", str),
     ("http", "cors_origins"): ("cors_origins", str),
@@ -111,6 +114,7 @@ _PEER_KEYS: dict[str, type] = {
     "retrieve": bool,
     "move_destination": bool,
     "store": bool,
+    "institution": str,
 }
 _ENV_PREFIX = "IMAGING_"
 

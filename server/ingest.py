@@ -45,6 +45,7 @@ class IngestResult:
     series_instance_uid: str
     outcome: Outcome
     transfer_syntax_uid: str
+    accession_number: str = ""
 
 
 Listener = Callable[[IngestResult], None]
@@ -176,6 +177,7 @@ class Ingestor:
                 uids["SeriesInstanceUID"],
                 outcome,
                 transfer_syntax,
+                str(ds.get("AccessionNumber") or "").strip(),
             )
 
         with session():

@@ -16,6 +16,7 @@ from peewee import (
     SQL,
     AutoField,
     BigIntegerField,
+    CompositeKey,
     DateTimeField,
     ForeignKeyField,
     IntegerField,
@@ -126,7 +127,100 @@ class SchemaInfo(BaseModel):
     version = IntegerField()
 
 
-TABLES: list[Any] = [Patient, Study, Series, Instance, SchemaInfo]
+class ApiKey(BaseModel):
+    """An API key of the worklist API: it belongs to one institution and is stored hashed."""
+
+    id = AutoField()
+    institution = TextField(index=True)
+    name = TextField(default="")
+    key_hash = TextField(unique=True)  # sha256 of the key; the key itself is shown once
+    prefix = TextField()  # the key's first characters, to tell keys apart in listings
+    created_at = IntegerField()
+    revoked_at = IntegerField(null=True)
+
+
+class WorklistItem(BaseModel):
+    """One scheduled exam (shared/spec/worklist-api.md), served over REST, MWL C-FIND and MPPS.
+
+    Text columns used for case-insensitive matching have an upper-cased ``*_ci`` twin, as the
+    PN columns of the archive tables do.
+    """
+
+    id = AutoField()
+    institution = TextField(index=True)
+    accession_number = TextField()
+    patient_id = TextField(index=True)
+    surname = TextField()
+    surname_ci = TextField(index=True)
+    forename = TextField()
+    forename_ci = TextField(index=True)
+    title = TextField(null=True)
+    sex = TextField(null=True)
+    date_of_birth = TextField(null=True)  # YYYY-MM-DD
+    modality = TextField(index=True)
+    exam_date_and_time = TextField(index=True)  # YYYY-MM-DD HH:MM:SS
+    study_instance_uid = TextField(index=True)
+    status = TextField(index=True, default="SCHEDULED")
+    exam_description = TextField(null=True)
+    referring_physician = TextField(null=True)
+    performing_physician = TextField(null=True)
+    exam_room = TextField(null=True)
+    hospital_name = TextField(null=True)
+    scheduled_aet = TextField(index=True)
+    procedure_id = TextField(null=True)
+    procedure_step_id = TextField(null=True)
+    mpps_instance_uid = TextField(null=True, index=True)  # the MPPS that performs this item
+    linked_study_uid = TextField(null=True)  # a stored study that belongs to this item
+    created_at = IntegerField()
+    updated_at = IntegerField()
+
+    class Meta:
+        indexes = ((("institution", "accession_number"), True),)
+
+
+class AccessionCounter(BaseModel):
+    """Next accession number per institution and year (see server/worklist/service.py)."""
+
+    institution = TextField()
+    year = IntegerField()
+    value = IntegerField()
+
+    class Meta:
+        primary_key = CompositeKey("institution", "year")
+
+
+class MppsInstance(BaseModel):
+    """A Modality Performed Procedure Step SOP Instance (PS3.4 F.7) created by N-CREATE.
+
+    Every MPPS is kept, also one that matched no worklist item (an unscheduled procedure), so
+    N-SET can find it and refuse updates once it is COMPLETED or DISCONTINUED (F.7.2.2.2).
+    ``item_ids`` lists the worklist items it performs (space-separated ids, usually one).
+    """
+
+    id = AutoField()
+    sop_instance_uid = TextField(unique=True)
+    institution = TextField(index=True)  # the calling AE's tenant ("" = none)
+    calling_ae = TextField()
+    status = TextField()  # IN PROGRESS, COMPLETED or DISCONTINUED
+    item_ids = TextField(default="")
+    accession_number = TextField(null=True, index=True)
+    study_instance_uid = TextField(null=True, index=True)
+    attributes = TextField()  # DICOM JSON of the attributes as last set
+    created_at = IntegerField()
+    updated_at = IntegerField()
+
+
+TABLES: list[Any] = [
+    Patient,
+    Study,
+    Series,
+    Instance,
+    SchemaInfo,
+    ApiKey,
+    WorklistItem,
+    AccessionCounter,
+    MppsInstance,
+]
 
 
 def create_schema() -> None:
@@ -153,4 +247,17 @@ def create_schema() -> None:
             )
 
 
-__all__ = ["SQL", "TABLES", "Instance", "Patient", "Series", "Study", "ci_column", "create_schema"]
+__all__ = [
+    "SQL",
+    "TABLES",
+    "AccessionCounter",
+    "ApiKey",
+    "Instance",
+    "MppsInstance",
+    "Patient",
+    "Series",
+    "Study",
+    "WorklistItem",
+    "ci_column",
+    "create_schema",
+]

@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from server.archive import Archive
 from server.dicom.pixels import PixelError
 from server.errors import QueryError
+from server.web.api.worklists import worklist_routes
 from server.web.dicomweb.routes import PREFIX, dicomweb_routes
 from server.web.http import HTTPError, error_response
 
@@ -65,7 +66,10 @@ def _cors(origins: str) -> list[Middleware]:
 
 def build_app(archive: Archive) -> Starlette:
     settings = archive.settings
-    routes: list[BaseRoute] = [Mount(PREFIX, routes=dicomweb_routes(archive))]
+    routes: list[BaseRoute] = [
+        Mount(PREFIX, routes=dicomweb_routes(archive)),
+        *worklist_routes(archive),
+    ]
     if (settings.viewer_dir / "index.html").is_file():
         from server.web.viewer import viewer_routes
 

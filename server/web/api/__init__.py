@@ -1,0 +1,1 @@
+"""The JSON APIs (shared/spec/): the worklist API now, the workstation API next."""
