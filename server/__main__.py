@@ -168,6 +168,60 @@ def cmd_apikey(args: argparse.Namespace) -> int:
         close_archive()
 
 
+def _password(args: argparse.Namespace) -> str | None:
+    """From stdin (--password-stdin), IMAGING_PASSWORD, or a prompt; never a command argument
+    (it would show in the process list)."""
+    if getattr(args, "password_stdin", False):
+        return sys.stdin.readline().rstrip("\n")
+    if os.environ.get("IMAGING_PASSWORD"):
+        return os.environ["IMAGING_PASSWORD"]
+    if getattr(args, "ask_password", False):
+        first = getpass.getpass("password: ")
+        if first != getpass.getpass("again: "):
+            raise SystemExit("the passwords differ")
+        return first
+    return None
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    """JSON API users: create, list, set (role, password, enable/disable)."""
+    from server.archive import close_archive, open_archive
+    from server.auth import users
+
+    open_archive(_settings(args))
+    try:
+        if args.user_command == "create":
+            args.ask_password = True
+            password = _password(args) or ""
+            info = users.create(args.username, args.institution, args.role, password)
+            print(
+                f"created {info.public_id} {info.username!r} ({info.role}) in {info.institution!r}"
+            )
+        elif args.user_command == "list":
+            for u in users.list_users(args.institution):
+                state = "active" if u.active else "disabled"
+                print(f"{u.public_id}\t{u.username}\t{u.institution}\t{u.role}\t{state}")
+        else:
+            active = True if args.enable else False if args.disable else None
+            info = users.update(
+                args.username,
+                args.institution,
+                role=args.role,
+                password=_password(args),
+                active=active,
+            )
+            print(
+                f"updated {info.public_id} {info.username!r}: {info.role}, "
+                f"{'active' if info.active else 'disabled'}"
+            )
+        return 0
+    except users.UserError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    finally:
+        close_archive()
+
+
 def _walk(paths: Sequence[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
@@ -373,6 +427,28 @@ def build_parser() -> argparse.ArgumentParser:
     key_revoke = keys_sub.add_parser("revoke", help="revoke a key by id or prefix")
     key_revoke.add_argument("key", help="the key's id or its first characters")
     keys.set_defaults(func=cmd_apikey)
+
+    usr = sub.add_parser("user", help="JSON API users: create, list, set")
+    common(usr)
+    usr_sub = usr.add_subparsers(dest="user_command", required=True)
+    from server.auth.roles import ROLES
+
+    u_create = usr_sub.add_parser("create", help="create a user (asks for the password)")
+    u_create.add_argument("--username", required=True)
+    u_create.add_argument("--institution", required=True)
+    u_create.add_argument("--role", required=True, choices=sorted(ROLES))
+    u_create.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+    u_list = usr_sub.add_parser("list", help="list users")
+    u_list.add_argument("--institution", default=None)
+    u_set = usr_sub.add_parser("set", help="change a user's role, password or state")
+    u_set.add_argument("--username", required=True)
+    u_set.add_argument("--institution", required=True)
+    u_set.add_argument("--role", choices=sorted(ROLES))
+    u_set.add_argument("--password-stdin", action="store_true", help="new password from stdin")
+    state = u_set.add_mutually_exclusive_group()
+    state.add_argument("--enable", action="store_true")
+    state.add_argument("--disable", action="store_true")
+    usr.set_defaults(func=cmd_user)
 
     ech = sub.add_parser("echo", help="C-ECHO a peer from peers.toml")
     common(ech)

@@ -8,7 +8,6 @@ file and line, so a typo stops start-up with a pointer instead of a silent defau
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import tomllib
@@ -45,7 +44,7 @@ class Settings:
     bind_address: str = "0.0.0.0"
     http_port: int = 8042
     http_bind_address: str = "127.0.0.1"
-    allow_unauthenticated: bool = False  # serve HTTP on a non-loopback address without auth
+    auth_off_for_loopback: bool = True  # requests from this machine need no token
     public_url: str = ""  # how clients reach us, if not the request's Host (proxies)
     cors_origins: str = ""  # comma-separated origins allowed by CORS; "*" for any; "" = off
     viewer_dir: Path = DEFAULT_CONFIG_DIR.parent / "viewer"
@@ -103,7 +102,7 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("http", "bind"): ("http_bind_address", str),
     ("http", "cors_origins"): ("cors_origins", str),
     ("http", "public_url"): ("public_url", str),
-    ("http", "allow_unauthenticated"): ("allow_unauthenticated", bool),
+    ("http", "auth_off_for_loopback"): ("auth_off_for_loopback", bool),
     ("http", "viewer_dir"): ("viewer_dir", Path),
 }
 _PEER_KEYS: dict[str, type] = {
@@ -263,13 +262,6 @@ def _check_port(port: int, where: str | None, allow_zero: bool = True) -> None:
         raise ConfigError(f"port {port} out of range", where)
 
 
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address == "localhost"
-
-
 def load_settings(
     config_dir: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -323,13 +315,5 @@ def load_settings(
         ):
             # A relative path in the file is relative to the project root, next to ae_config/.
             plain[path_field] = directory.resolve().parent / path
-    http_bind = plain.get("http_bind_address", Settings.http_bind_address)
-    if not _is_loopback(http_bind) and not plain.get("allow_unauthenticated", False):
-        raise ConfigError(
-            f"http bind address {http_bind} would expose patient data without authentication "
-            "(not implemented yet for DICOMweb); bind to 127.0.0.1 or set "
-            "[http] allow_unauthenticated = true",
-            where_of.get("http_bind_address"),
-        )
     peers = _peers(directory / "peers.toml")
     return dataclasses.replace(Settings(), **plain, peers=peers, config_dir=directory)

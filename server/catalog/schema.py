@@ -223,10 +223,54 @@ TABLES: list[Any] = [
 ]
 
 
+class User(BaseModel):
+    """A person using the JSON API (python -m server user ...); passwords are argon2 hashes."""
+
+    id = AutoField()
+    username = TextField()
+    institution = TextField(index=True)
+    password_hash = TextField()
+    role = TextField()
+    active = IntegerField(default=1)
+    created_at = IntegerField()
+    last_login = IntegerField(null=True)
+
+    class Meta:
+        indexes = ((("username", "institution"), True),)
+
+
+class RefreshToken(BaseModel):
+    """Issued refresh tokens by id (jti): rotated on use, revoked on logout."""
+
+    jti = TextField(primary_key=True)
+    user = ForeignKeyField(User, on_delete="CASCADE")
+    expires_at = IntegerField(index=True)
+    revoked_at = IntegerField(null=True)
+
+
+class RevokedToken(BaseModel):
+    """Access tokens revoked before their expiry (logout), kept until they would expire."""
+
+    jti = TextField(primary_key=True)
+    expires_at = IntegerField(index=True)
+
+
+class LoginFailure(BaseModel):
+    """Failed logins, counted per username and address to rate-limit guessing across workers."""
+
+    id = AutoField()
+    username = TextField(index=True)
+    address = TextField()
+    at = IntegerField(index=True)
+
+
+AUTH_TABLES: list[Any] = [User, RefreshToken, RevokedToken, LoginFailure]
+
+
 def create_schema() -> None:
     """Create missing tables and indexes; refuse a catalog written by a newer schema."""
     with database.atomic():
-        database.create_tables(TABLES, safe=True)
+        database.create_tables([*TABLES, *AUTH_TABLES], safe=True)
         if is_postgres():
             # Prefix LIKE ('LEW%') uses a btree index in PostgreSQL only with pattern ops
             # (unless the database collation is C).

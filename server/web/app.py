@@ -15,6 +15,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from server.archive import Archive
 from server.dicom.pixels import PixelError
 from server.errors import QueryError
+from server.web.api.auth import auth_routes
+from server.web.api.envelope import ApiError, RequestIdMiddleware, api_error_handler
 from server.web.api.worklists import worklist_routes
 from server.web.dicomweb.routes import PREFIX, dicomweb_routes
 from server.web.http import HTTPError, error_response
@@ -69,6 +71,7 @@ def build_app(archive: Archive) -> Starlette:
     routes: list[BaseRoute] = [
         Mount(PREFIX, routes=dicomweb_routes(archive)),
         *worklist_routes(archive),
+        *auth_routes(archive),
     ]
     if (settings.viewer_dir / "index.html").is_file():
         from server.web.viewer import viewer_routes
@@ -81,9 +84,10 @@ def build_app(archive: Archive) -> Starlette:
         routes.append(Route("/", home))
     app = Starlette(
         routes=routes,
-        middleware=_cors(settings.cors_origins),
+        middleware=[Middleware(RequestIdMiddleware), *_cors(settings.cors_origins)],
         exception_handlers={
             HTTPError: _http_error,
+            ApiError: api_error_handler,
             StarletteHTTPException: _starlette_http,
             PixelError: _pixel_error,
             QueryError: _query_error,

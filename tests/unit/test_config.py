@@ -95,16 +95,3 @@ def test_serve_reports_config_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "server.toml:2" in result.stderr and "max_pdu" in result.stderr
-
-
-def test_http_on_a_public_address_needs_an_explicit_opt_in(tmp_path: Path) -> None:
-    config = tmp_path / "c"
-    config.mkdir()
-    (config / "server.toml").write_text('[http]\nbind = "0.0.0.0"\n')
-    with pytest.raises(ConfigError, match="without authentication") as exc:
-        load_settings(config, environ={})
-    assert exc.value.location == f"{config / 'server.toml'}:2"
-    (config / "server.toml").write_text('[http]\nbind = "0.0.0.0"\nallow_unauthenticated = true\n')
-    assert load_settings(config, environ={}).http_bind_address == "0.0.0.0"
-    (config / "server.toml").write_text('[http]\nbind = "::1"\n')
-    assert load_settings(config, environ={}).http_bind_address == "::1"

@@ -145,7 +145,8 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
     )
     archive = open_archive(settings)
     try:
-        with TestClient(build_app(archive)) as test_client:
+        # From this machine: DICOMweb's loopback exemption applies (auth has its own tests).
+        with TestClient(build_app(archive), client=("127.0.0.1", 40000)) as test_client:
             yield test_client
     finally:
         close_archive()
@@ -177,3 +178,7 @@ def test_errors_are_json_and_unknown_paths_404(client: TestClient) -> None:
     assert bad.status_code == 400
     assert "limit" in bad.json()["error"]["message"]
     assert client.get("/viewer/").status_code == 404  # no bundle installed here
+    remote = TestClient(client.app, client=("198.51.100.7", 40000))
+    denied = remote.get("/dicom-web/studies")
+    assert denied.status_code == 401
+    assert denied.json()["error"]["code"] == "AUTHENTICATION_REQUIRED"

@@ -11,7 +11,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from server.archive import Archive
+from server.auth.roles import READ_IMAGES, UPLOAD_IMAGES
 from server.dicom.attributes import BY_KEYWORD, Level
+from server.web.api.auth import authorize
 from server.web.dicomweb.qido import Qido
 from server.web.dicomweb.stow import Stow
 from server.web.dicomweb.wado import Scope, Wado
@@ -47,11 +49,16 @@ def root_of(request: Request) -> str:
     return f"{url.scheme}://{netloc}{PREFIX}"
 
 
-def _threaded(fn: Callable[..., Response]) -> Endpoint:
-    """The catalog and the codecs are synchronous: run the handler in the thread pool."""
+def _guarded(archive: Archive, permission: str, fn: Callable[..., Response]) -> Endpoint:
+    """Check the caller may ``permission``, then run the handler in the thread pool (the
+    catalog and the codecs are synchronous)."""
+
+    def run(request: Request, **params: str) -> Response:
+        authorize(request, archive, permission)
+        return fn(request, **params)
 
     async def endpoint(request: Request) -> Response:
-        return await run_in_threadpool(fn, request, **request.path_params)
+        return await run_in_threadpool(run, request, **request.path_params)
 
     return endpoint
 
@@ -64,6 +71,9 @@ def dicomweb_routes(archive: Archive) -> list[BaseRoute]:
     qido = Qido(archive, root_of)
     wado = Wado(archive, root_of)
     stow = Stow(archive, root_of)
+
+    def _threaded(fn: Callable[..., Response]) -> Endpoint:
+        return _guarded(archive, READ_IMAGES, fn)
 
     def search(level: Level) -> Endpoint:
         def run(request: Request, **uids: str) -> Response:
@@ -102,9 +112,11 @@ def dicomweb_routes(archive: Archive) -> list[BaseRoute]:
         return wado.thumbnail(request, _scope(study, series, sop), number)
 
     async def stow_all(request: Request) -> Response:
+        await run_in_threadpool(authorize, request, archive, UPLOAD_IMAGES)
         return await stow.store(request, None)
 
     async def stow_study(request: Request) -> Response:
+        await run_in_threadpool(authorize, request, archive, UPLOAD_IMAGES)
         return await stow.store(request, request.path_params["study"])
 
     study = "/studies/{study}"

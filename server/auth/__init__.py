@@ -1,0 +1,1 @@
+"""Users, roles and tokens of the JSON API (shared/spec/workstation-api.md, Authentication)."""
