@@ -461,8 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
     )
+    from server.web.api.envelope import RequestIdLogFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdLogFilter())  # "-" outside an HTTP request
     if not args.verbose:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
