@@ -183,6 +183,15 @@ def parse_identifier(
     )
 
 
+def parse_keys(identifier: Dataset) -> tuple[Constraint, ...]:
+    """The keys of an identifier that has no Query/Retrieve Level, as in the Basic Worklist
+    Management Service (PS3.4 K.2.2: a worklist information model has a single level).
+
+    Matching follows PS3.4 C.2.2.2 as for :func:`parse_identifier`; a sequence key with an item
+    becomes one SEQUENCE term whose items are that item's keys (C.2.2.2.6)."""
+    return _parse_elements(identifier)
+
+
 # --- QIDO-RS (PS3.18 8.3.4, 10.6) -------------------------------------------------------------
 
 QIDO_CONTROL = frozenset({"limit", "offset", "fuzzymatching", "includefield"})

@@ -12,10 +12,13 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from typing import Any, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -30,6 +33,7 @@ from server.archive import Archive
 from server.config import Settings
 from server.dimse import fastpath, polling, retrieve
 from server.dimse.handlers import Handlers
+from server.dimse.worklist import MWL_FIND, WorklistHandlers
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,16 +104,29 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for sop_class in _QUERY_RETRIEVE:
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES[:4])
+    # Modality Worklist C-FIND (PS3.4 K.6.1) and MPPS N-CREATE/N-SET (PS3.4 F.7).
+    ae.add_supported_context(ModalityWorklistInformationFind, ALL_TRANSFER_SYNTAXES[:4])
+    ae.add_supported_context(ModalityPerformedProcedureStep, ALL_TRANSFER_SYNTAXES[:4])
     return ae
 
 
 def event_handlers(archive: Archive) -> Any:
     h = Handlers(archive)
+    w = WorklistHandlers(archive)
+
+    def find(event: evt.Event) -> Iterator[Any]:
+        """C-FIND: the worklist model to the worklist, the others to the archive's handler."""
+        if event.request.AffectedSOPClassUID == MWL_FIND:
+            return w.find(event)
+        return h.find(event)
+
     return [
         (evt.EVT_C_STORE, h.store),
-        (evt.EVT_C_FIND, h.find),
+        (evt.EVT_C_FIND, find),
         (evt.EVT_C_MOVE, h.move),
         (evt.EVT_C_GET, h.get),
+        (evt.EVT_N_CREATE, w.n_create),
+        (evt.EVT_N_SET, w.n_set),
         (evt.EVT_CONN_CLOSE, h.closed),
     ]
 
