@@ -270,7 +270,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     bar = Progress(len(files), "import")
     for n, path in enumerate(files, start=1):
         try:
-            result = archive.ingestor.ingest(path.read_bytes(), source=f"import:{path.name}")
+            result = archive.ingestor.ingest(
+                path.read_bytes(), source=f"import:{path.name}", institution=args.institution
+            )
             counts[result.outcome] += 1
         except (IngestError, OSError) as exc:
             counts["rejected"] += 1
@@ -397,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="import files/folders through the ingest path")
     common(imp)
     imp.add_argument("paths", nargs="+", type=Path)
+    imp.add_argument("--institution", default=None, help="the tenant that owns new studies")
     imp.set_defaults(func=cmd_import)
 
     send = sub.add_parser(

@@ -77,6 +77,12 @@ class Settings:
         title = ae_title.strip()
         return next((p for p in self.peers if p.ae_title == title), None)
 
+    def institution_of(self, ae_title: str) -> str:
+        """The tenant of a calling AE: its peer's ``institution``, else the one for unknown AEs
+        ("" = none). It owns the studies the AE stores and scopes its worklist."""
+        peer = self.peer(ae_title)
+        return peer.institution if peer is not None else self.unknown_aes_institution
+
 
 # (section, key) in server.toml -> (Settings field, type)
 _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {

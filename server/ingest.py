@@ -153,6 +153,7 @@ class Ingestor:
         expect_sop_class: str | None = None,
         expect_sop_instance: str | None = None,
         expect_study: str | None = None,
+        institution: str | None = None,
     ) -> IngestResult:
         """Store one instance given as Part 10 bytes (or a bare dataset).
 
@@ -189,7 +190,7 @@ class Ingestor:
             staged = self.storage.stage(key, (encoded,))
             record = writer.InstanceRecord(
                 patient=extract_columns(header, Level.PATIENT),
-                study=extract_columns(header, Level.STUDY),
+                study={**extract_columns(header, Level.STUDY), "institution": institution or None},
                 series=extract_columns(header, Level.SERIES),
                 instance={
                     **extract_columns(header, Level.IMAGE),

@@ -27,7 +27,13 @@ from peewee import (
 from server.catalog.db import database, is_postgres
 from server.dicom.attributes import INTEGER_VRS, Attribute, Level, at_level
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added after version 1: (table, column, SQL type, indexed). create_schema adds them to
+# an older catalog in place (both SQLite and PostgreSQL allow ADD COLUMN of a nullable column).
+_ADDED_COLUMNS = (
+    ("study", "institution", "TEXT", True),
+    ("series", "last_accessed", "TIMESTAMP", False),
+)
 
 
 def _now() -> dt.datetime:
@@ -85,6 +91,9 @@ Study: Any = type(
         "id": AutoField(),
         "patient": ForeignKeyField(Patient, backref="studies", on_delete="CASCADE"),
         **_columns(Level.STUDY, indexed=True),
+        # The tenant that owns the study: the institution of whoever sent its first instance
+        # (the calling AE's, the user's); NULL = not assigned, visible to local operators only.
+        "institution": TextField(null=True, index=True),
         "created_at": DateTimeField(default=_now),
         "updated_at": DateTimeField(default=_now, index=True),
     },
@@ -98,6 +107,7 @@ Series: Any = type(
         "id": AutoField(),
         "study": ForeignKeyField(Study, backref="series", on_delete="CASCADE"),
         **_columns(Level.SERIES, indexed=True),
+        "last_accessed": DateTimeField(null=True),  # last read through the JSON API
         "created_at": DateTimeField(default=_now),
         "updated_at": DateTimeField(default=_now, index=True),
     },
@@ -283,11 +293,25 @@ def create_schema() -> None:
                             f'ON "{table}" ("{field.column_name}" text_pattern_ops)'
                         )
         row = SchemaInfo.select().first()
-        if row is None:
-            SchemaInfo.create(version=SCHEMA_VERSION)
-        elif row.version > SCHEMA_VERSION:
+        if row is not None and row.version > SCHEMA_VERSION:
             raise RuntimeError(
                 f"catalog schema version {row.version} is newer than this server ({SCHEMA_VERSION})"
+            )
+        _upgrade()
+        if row is None:
+            SchemaInfo.create(version=SCHEMA_VERSION)
+        elif row.version < SCHEMA_VERSION:
+            SchemaInfo.update(version=SCHEMA_VERSION).execute()
+
+
+def _upgrade() -> None:
+    for table, column, sql_type, indexed in _ADDED_COLUMNS:
+        present = {c.name for c in database.get_columns(table)}
+        if column not in present:
+            database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type}')
+        if indexed:
+            database.execute_sql(
+                f'CREATE INDEX IF NOT EXISTS "{table}_{column}" ON "{table}" ("{column}")'
             )
 
 

@@ -9,7 +9,7 @@ C-FIND, QIDO-RS and the REST filters all come through :func:`search`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from peewee import SQL, NodeList, Value, fn
@@ -193,8 +193,21 @@ def _base(level: Level, columns: list[Any]) -> Any:
     )
 
 
+def _tenant_sql(query: Query) -> Any:
+    if query.level == Level.PATIENT:
+        s = Study.alias()
+        return fn.EXISTS(
+            s.select(SQL("1")).where(
+                (s.patient == Patient.id) & (s.institution == query.institution)
+            )
+        )
+    return Study.institution == query.institution
+
+
 def _where(query: Query, in_sql: list[tuple[Constraint, Attribute]]) -> list[Any]:
     conds = []
+    if query.institution is not None:
+        conds.append(_tenant_sql(query))
     for c, attr in in_sql:
         if c.universal:
             continue
@@ -262,9 +275,27 @@ def search(query: Query) -> SearchResult:
     return SearchResult(matches, truncated)
 
 
+def count(query: Query) -> int:
+    """How many entities match (for paged APIs that report a total)."""
+    in_sql, in_memory = _split(query)
+    if any(not c.universal for c in in_memory):
+        return len(search(replace(query, limit=None, offset=0)).matches)
+    select = _base(query.level, [fn.COUNT(MODEL_OF[query.level].id)])
+    conds = _where(query, in_sql)
+    if conds:
+        select = select.where(*conds)
+    return int(select.scalar())
+
+
 def retrieve_items(query: Query) -> list[RetrieveItem]:
     """Instances selected by a C-MOVE/C-GET identifier (its keys at any level, PS3.4 C.4.2)."""
-    image_query = Query(Level.IMAGE, query.model, query.constraints, query.case_insensitive_pn)
+    image_query = Query(
+        Level.IMAGE,
+        query.model,
+        query.constraints,
+        query.case_insensitive_pn,
+        institution=query.institution,
+    )
     in_sql, _ = _split(image_query)
     if not any(not c.universal for c, _ in in_sql):
         raise QueryError("a retrieve identifier needs at least one unique key", 0xA900)
@@ -297,11 +328,16 @@ class StoredInstance:
     metadata: str | None = None
 
 
-_STORED_SQL: dict[tuple[bool, bool, bool, str], str] = {}
+_STORED_SQL: dict[tuple[bool, bool, bool, bool, str], str] = {}
 
 
 def stored_instances(
-    study: str, series: str | None = None, sop: str | None = None, *, metadata: bool = False
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    *,
+    metadata: bool = False,
+    institution: str | None = None,
 ) -> list[StoredInstance]:
     """The instances of a study, series or single instance, in series/instance-number order.
 
@@ -310,7 +346,7 @@ def stored_instances(
     the query itself.
     """
     param = "%s" if is_postgres() else "?"
-    key = (series is not None, sop is not None, metadata, param)
+    key = (series is not None, sop is not None, metadata, institution is not None, param)
     sql = _STORED_SQL.get(key)
     if sql is None:
         sql = (
@@ -321,8 +357,9 @@ def stored_instances(
             f'JOIN "study" AS st ON se."study_id" = st."id" WHERE st."study_instance_uid" = {param}'
             + (f' AND se."series_instance_uid" = {param}' if series is not None else "")
             + (f' AND i."sop_instance_uid" = {param}' if sop is not None else "")
+            + (f' AND st."institution" = {param}' if institution is not None else "")
             + ' ORDER BY se."id", i."instance_number", i."id"'
         )
         _STORED_SQL[key] = sql
-    params = [uid for uid in (study, series, sop) if uid is not None]
+    params = [value for value in (study, series, sop, institution) if value is not None]
     return [StoredInstance(*row) for row in database.execute_sql(sql, params).fetchall()]

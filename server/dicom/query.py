@@ -79,6 +79,7 @@ class Query:
     case_insensitive_pn: bool = True
     limit: int | None = None
     offset: int = 0
+    institution: str | None = None  # confine results to this tenant's studies (None: all)
 
     @property
     def matching(self) -> tuple[Constraint, ...]:

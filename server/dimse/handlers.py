@@ -133,6 +133,7 @@ class Handlers:
                 source=f"dimse:{_calling(event)}",
                 expect_sop_class=str(event.context.abstract_syntax),
                 expect_sop_instance=sop_instance or None,
+                institution=self.settings.institution_of(_calling(event)),
             )
         except IngestError as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", _calling(event), exc.status, exc)

@@ -126,10 +126,7 @@ _TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 
 def institution_of(archive: Archive, calling_ae: str) -> str:
     """The worklist tenant of a calling AE ("" = none: it sees no items)."""
-    peer = archive.settings.peer(calling_ae)
-    if peer is not None:
-        return peer.institution
-    return archive.settings.unknown_aes_institution
+    return archive.settings.institution_of(calling_ae)
 
 
 # -- the MWL attributes of an item --------------------------------------------------------------

@@ -17,6 +17,7 @@ from server.dicom.pixels import PixelError
 from server.errors import QueryError
 from server.web.api.auth import auth_routes
 from server.web.api.envelope import ApiError, RequestIdMiddleware, api_error_handler
+from server.web.api.images import image_routes
 from server.web.api.worklists import worklist_routes
 from server.web.dicomweb.routes import PREFIX, dicomweb_routes
 from server.web.http import HTTPError, error_response
@@ -72,6 +73,7 @@ def build_app(archive: Archive) -> Starlette:
         Mount(PREFIX, routes=dicomweb_routes(archive)),
         *worklist_routes(archive),
         *auth_routes(archive),
+        *image_routes(archive),
     ]
     if (settings.viewer_dir / "index.html").is_file():
         from server.web.viewer import viewer_routes

@@ -47,6 +47,17 @@ def local_operator() -> Claims:
     return Claims(0, "local", "admin", "", ROLES["admin"], "local", 0)
 
 
+def tenant_of(claims: Claims | None) -> str | None:
+    """The institution a request is confined to; None for the local operator (everything)."""
+    if claims is None or claims.user_id == 0:
+        return None
+    return claims.institution
+
+
+def request_tenant(connection: HTTPConnection) -> str | None:
+    return tenant_of(getattr(connection.state, "claims", None))
+
+
 def bearer_token(connection: HTTPConnection) -> str | None:
     header = connection.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

@@ -10,6 +10,7 @@ catalog has no column for.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -22,6 +23,7 @@ from server.catalog.search import Match, search
 from server.dicom.attributes import BY_KEYWORD, BY_TAG, INTEGER_VRS, UNIQUE_KEY, Level
 from server.dicom.query import QidoRequest, Query, parse_qido
 from server.errors import QueryError
+from server.web.api.auth import request_tenant
 from server.web.http import HTTPError, client_address, json_response
 
 _T = BY_KEYWORD
@@ -219,6 +221,11 @@ class Qido:
                     case_insensitive_pn=self.archive.settings.case_insensitive_pn,
                 )
             qido = _check_levels(qido)
+            tenant = request_tenant(request)
+            if tenant is not None:
+                qido = QidoRequest(
+                    replace(qido.query, institution=tenant), qido.include_all, qido.fuzzy_requested
+                )
             with session():
                 result = search(qido.query)
         except QueryError as exc:

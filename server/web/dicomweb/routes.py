@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute, Route
 from server.archive import Archive
 from server.auth.roles import READ_IMAGES, UPLOAD_IMAGES
 from server.dicom.attributes import BY_KEYWORD, Level
-from server.web.api.auth import authorize
+from server.web.api.auth import authorize, tenant_of
 from server.web.dicomweb.qido import Qido
 from server.web.dicomweb.stow import Stow
 from server.web.dicomweb.wado import Scope, Wado
@@ -54,7 +54,7 @@ def _guarded(archive: Archive, permission: str, fn: Callable[..., Response]) -> 
     catalog and the codecs are synchronous)."""
 
     def run(request: Request, **params: str) -> Response:
-        authorize(request, archive, permission)
+        request.state.claims = authorize(request, archive, permission)
         return fn(request, **params)
 
     async def endpoint(request: Request) -> Response:
@@ -112,12 +112,12 @@ def dicomweb_routes(archive: Archive) -> list[BaseRoute]:
         return wado.thumbnail(request, _scope(study, series, sop), number)
 
     async def stow_all(request: Request) -> Response:
-        await run_in_threadpool(authorize, request, archive, UPLOAD_IMAGES)
-        return await stow.store(request, None)
+        claims = await run_in_threadpool(authorize, request, archive, UPLOAD_IMAGES)
+        return await stow.store(request, None, tenant_of(claims))
 
     async def stow_study(request: Request) -> Response:
-        await run_in_threadpool(authorize, request, archive, UPLOAD_IMAGES)
-        return await stow.store(request, request.path_params["study"])
+        claims = await run_in_threadpool(authorize, request, archive, UPLOAD_IMAGES)
+        return await stow.store(request, request.path_params["study"], tenant_of(claims))
 
     study = "/studies/{study}"
     series = f"{study}/series/{{series}}"

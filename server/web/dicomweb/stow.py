@@ -78,7 +78,9 @@ class Stow:
             raise HTTPError(400, "the multipart/related Content-Type lacks its boundary")
         return boundary
 
-    async def store(self, request: Request, study: str | None) -> Response:
+    async def store(
+        self, request: Request, study: str | None, institution: str | None = None
+    ) -> Response:
         boundary = self._check_content_type(request)
         root = self.root_of(request)
         actor = client_address(request)
@@ -94,6 +96,7 @@ class Stow:
                     body,
                     source=f"STOW {actor}",
                     expect_study=study,
+                    institution=institution,
                 )
             except IngestError as exc:
                 return Failure(*_uid_values(body), exc.status, str(exc))

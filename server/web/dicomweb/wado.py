@@ -41,6 +41,7 @@ from server.dicom.render import (
     parse_window,
     render,
 )
+from server.web.api.auth import request_tenant
 from server.web.http import HTTPError, MediaRange, client_address, json_response, parse_accept
 from server.web.multipart import MultipartWriter
 
@@ -139,9 +140,13 @@ class Wado:
         self.archive = archive
         self.root_of = root_of
 
-    def _instances(self, scope: Scope, metadata: bool = False) -> list[StoredInstance]:
+    def _instances(
+        self, scope: Scope, metadata: bool = False, institution: str | None = None
+    ) -> list[StoredInstance]:
         with session():
-            found = stored_instances(scope.study, scope.series, scope.sop, metadata=metadata)
+            found = stored_instances(
+                scope.study, scope.series, scope.sop, metadata=metadata, institution=institution
+            )
         if not found:
             raise HTTPError(404, f"{scope.describe()} not found")
         return found
@@ -166,7 +171,7 @@ class Wado:
     # --- instances ------------------------------------------------------------------------
 
     def retrieve(self, request: Request, scope: Scope) -> Response:
-        items = self._instances(scope)
+        items = self._instances(scope, institution=request_tenant(request))
         ranges = parse_accept(request)
         chosen: list[tuple[StoredInstance, str]] = []
         for item in items:
@@ -204,7 +209,7 @@ class Wado:
     # --- metadata -------------------------------------------------------------------------
 
     def metadata(self, request: Request, scope: Scope) -> Response:
-        items = self._instances(scope, metadata=True)
+        items = self._instances(scope, metadata=True, institution=request_tenant(request))
         root = self.root_of(request)
         parts: list[str] = []
         for item in items:
@@ -230,7 +235,7 @@ class Wado:
 
     def frames(self, request: Request, scope: Scope, frame_list: str) -> Response:
         numbers = _parse_frame_numbers(frame_list)
-        item = self._instances(scope, metadata=True)[0]
+        item = self._instances(scope, metadata=True, institution=request_tenant(request))[0]
         frames = self._frames(item)
         encoding = choose_frame_encoding(parse_accept(request), frames)
         if encoding is None:
@@ -259,7 +264,7 @@ class Wado:
             tag = int(tag_text, 16)
         except ValueError:
             raise HTTPError(400, f"{tag_text!r} is not a tag (eight hex digits)") from None
-        item = self._instances(scope, metadata=True)[0]
+        item = self._instances(scope, metadata=True, institution=request_tenant(request))[0]
         if tag == 0x7FE00010:
             frames = self._frames(item)
             data = b"".join(frames.stored(n) for n in range(1, frames.count + 1))
@@ -320,7 +325,7 @@ class Wado:
 
     def rendered(self, request: Request, scope: Scope, frame_list: str | None = None) -> Response:
         options = self._render_options(request, thumbnail=False)
-        items = self._instances(scope, metadata=True)
+        items = self._instances(scope, metadata=True, institution=request_tenant(request))
         renderable = self._renderable(items)
         if not renderable:
             raise HTTPError(404, f"{scope.describe()} has no image to render")
@@ -338,7 +343,7 @@ class Wado:
 
     def thumbnail(self, request: Request, scope: Scope, frame: int | None = None) -> Response:
         options = self._render_options(request, thumbnail=True)
-        items = self._instances(scope, metadata=True)
+        items = self._instances(scope, metadata=True, institution=request_tenant(request))
         if scope.sop is None:
             # A representative image: the middle instance of the (first) series.
             first_series = items[0].series_instance_uid
