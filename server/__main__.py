@@ -222,6 +222,34 @@ def cmd_user(args: argparse.Namespace) -> int:
         close_archive()
 
 
+def cmd_deleted(args: argparse.Namespace) -> int:
+    """Series deleted through the API: list, restore, purge (server/deletion.py)."""
+    from server import deletion
+    from server.archive import close_archive, open_archive
+
+    archive = open_archive(_settings(args))
+    try:
+        if args.deleted_command == "list":
+            for d in deletion.list_deleted(args.all):
+                until = time.strftime("%Y-%m-%d", time.gmtime(d["retention_until"]))
+                print(
+                    f"{d['series_uid']}\t{d['institution'] or '-'}\t{d['instances']} instances"
+                    f"\tby {d['deleted_by']}\tuntil {until}\t{d['backup_location']}"
+                )
+        elif args.deleted_command == "restore":
+            try:
+                count = deletion.restore(archive.storage, archive.ingestor, args.series_uid)
+            except deletion.NotFound:
+                print(f"no deleted series {args.series_uid}", file=sys.stderr)
+                return 1
+            print(f"restored {count} instances of {args.series_uid}")
+        else:
+            print(f"purged {deletion.purge(archive.storage)} series past their retention")
+        return 0
+    finally:
+        close_archive()
+
+
 def _walk(paths: Sequence[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
@@ -452,6 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--enable", action="store_true")
     state.add_argument("--disable", action="store_true")
     usr.set_defaults(func=cmd_user)
+
+    dele = sub.add_parser("deleted", help="series deleted through the API: list, restore, purge")
+    common(dele)
+    dele_sub = dele.add_subparsers(dest="deleted_command", required=True)
+    d_list = dele_sub.add_parser("list", help="deleted series still recoverable")
+    d_list.add_argument("--all", action="store_true", help="also restored and purged ones")
+    d_restore = dele_sub.add_parser("restore", help="put a deleted series back")
+    d_restore.add_argument("series_uid")
+    dele_sub.add_parser("purge", help="remove the files of series past their retention")
+    dele.set_defaults(func=cmd_deleted)
 
     ech = sub.add_parser("echo", help="C-ECHO a peer from peers.toml")
     common(ech)

@@ -15,6 +15,7 @@ from server.catalog.schema import create_schema
 from server.config import Settings
 from server.ingest import Ingestor
 from server.storage import Storage
+from server.uploads import mark_interrupted
 from server.worklist.service import StudyLinker
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,11 @@ def open_archive(settings: Settings) -> Archive:
     if alone:
         with session():
             kept, removed = storage.recover(writer.committed_path)
+            interrupted = mark_interrupted(storage.root)
         if kept or removed:
             log.warning("recovered interrupted writes: %d kept, %d orphans removed", kept, removed)
+        if interrupted:
+            log.warning("%d uploads were interrupted by a stop", interrupted)
     fcntl.flock(fd, fcntl.LOCK_SH)
     ingestor = Ingestor(storage, duplicates=settings.duplicates)
     ingestor.subscribe(StudyLinker())  # images arriving for a worklist item link its study

@@ -61,6 +61,7 @@ class Settings:
     database_url: str = ""
     duplicates: str = "ignore"
     sqlite_synchronous: str = "FULL"
+    deleted_retention_days: int = 180  # deleted series stay recoverable this long
     case_insensitive_pn: bool = True
     unknown_aes_institution: str = ""  # worklist tenant of calling AEs not in peers.toml
     peers: tuple[Peer, ...] = field(default_factory=tuple)
@@ -102,6 +103,7 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("storage", "database_url"): ("database_url", str),
     ("storage", "duplicates"): ("duplicates", str),
     ("storage", "sqlite_synchronous"): ("sqlite_synchronous", str),
+    ("storage", "deleted_retention_days"): ("deleted_retention_days", int),
     ("query", "case_insensitive_pn"): ("case_insensitive_pn", bool),
     ("worklist", "unknown_aes_institution"): ("unknown_aes_institution", str),
     ("http", "port"): ("http_port", int),

@@ -274,7 +274,43 @@ class LoginFailure(BaseModel):
     at = IntegerField(index=True)
 
 
-AUTH_TABLES: list[Any] = [User, RefreshToken, RevokedToken, LoginFailure]
+class Upload(BaseModel):
+    """A ``POST /api/v1/images/upload``: its files are ingested in the background; any worker
+    answers ``GET /api/v1/images/upload/{id}`` from this row."""
+
+    id = TextField(primary_key=True)  # upload_<hex>
+    user_id = IntegerField()
+    institution = TextField(null=True)
+    status = TextField()  # processing, completed, completed_with_errors, failed, interrupted
+    files = IntegerField(default=0)  # DICOM objects found (zip members included)
+    stored = IntegerField(default=0)
+    duplicates = IntegerField(default=0)
+    failed = IntegerField(default=0)
+    errors = TextField(default="[]")  # JSON list of {"file", "reason", "status"}
+    series_uids = TextField(default="[]")  # JSON list
+    total_bytes = BigIntegerField(default=0)
+    created_at = IntegerField()
+    updated_at = IntegerField()
+
+
+class DeletedSeries(BaseModel):
+    """A series removed through the API: its files wait in ``deleted/`` until ``retention_until``
+    (``python -m server deleted restore|purge``)."""
+
+    id = AutoField()
+    series_instance_uid = TextField(index=True)
+    study_instance_uid = TextField()
+    institution = TextField(null=True)
+    backup_location = TextField()  # relative to the data directory
+    instances = IntegerField()
+    deleted_by = TextField()
+    deleted_at = IntegerField()
+    retention_until = IntegerField(index=True)
+    restored_at = IntegerField(null=True)
+    purged_at = IntegerField(null=True)
+
+
+AUTH_TABLES: list[Any] = [User, RefreshToken, RevokedToken, LoginFailure, Upload, DeletedSeries]
 
 
 def create_schema() -> None:

@@ -18,6 +18,7 @@ from server.errors import QueryError
 from server.web.api.auth import auth_routes
 from server.web.api.envelope import ApiError, RequestIdMiddleware, api_error_handler
 from server.web.api.images import image_routes
+from server.web.api.uploads import upload_routes
 from server.web.api.worklists import worklist_routes
 from server.web.dicomweb.routes import PREFIX, dicomweb_routes
 from server.web.http import HTTPError, error_response
@@ -73,6 +74,7 @@ def build_app(archive: Archive) -> Starlette:
         Mount(PREFIX, routes=dicomweb_routes(archive)),
         *worklist_routes(archive),
         *auth_routes(archive),
+        *upload_routes(archive),
         *image_routes(archive),
     ]
     if (settings.viewer_dir / "index.html").is_file():

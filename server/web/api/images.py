@@ -30,8 +30,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from server import deletion
 from server.archive import Archive
-from server.auth.roles import READ_IMAGES
+from server.auth.roles import DELETE_IMAGES, READ_IMAGES
 from server.catalog.db import session, write_transaction
 from server.catalog.schema import Instance, Series, Study
 from server.catalog.search import Match, count, search
@@ -337,16 +338,48 @@ class ImagesApi:
         )
         return ok(image)
 
+    def delete(self, request: Request) -> Response:
+        """Recoverable deletion (server/deletion.py); needs ``delete_images``."""
+        claims = authorize(request, self.archive, DELETE_IMAGES)
+        series_uid = request.path_params["series_uid"]
+        try:
+            deleted = deletion.delete_series(
+                self.archive.storage,
+                series_uid,
+                tenant_of(claims),
+                f"user_{claims.user_id}",
+                self.archive.settings.deleted_retention_days,
+            )
+        except deletion.NotFound:
+            raise ApiError(
+                404,
+                "MEDICAL_IMAGE_NOT_FOUND",
+                f"Medical image with UID {series_uid} not found",
+                {"series_uid": series_uid, "search_attempted": True},
+            ) from None
+        self.archive.audit.record(
+            "api.images.delete",
+            f"user_{claims.user_id}",
+            address=request.client.host if request.client else "?",
+            study=deleted.study_uid,
+            series=series_uid,
+            instances=deleted.instances,
+            backup_location=deleted.backup_location,
+        )
+        return ok(deleted.as_json(), "Image moved to the deleted area")
+
     def routes(self) -> list[BaseRoute]:
         async def index(request: Request) -> Response:
             return await run_in_threadpool(self.index, request)
 
         async def detail(request: Request) -> Response:
+            if request.method == "DELETE":
+                return await run_in_threadpool(self.delete, request)
             return await run_in_threadpool(self.detail, request)
 
         return [
             Route(f"{API_PREFIX}/images", index, methods=["GET"]),
-            Route(f"{API_PREFIX}/images/{{series_uid}}", detail, methods=["GET"]),
+            Route(f"{API_PREFIX}/images/{{series_uid}}", detail, methods=["GET", "DELETE"]),
         ]
 
 
