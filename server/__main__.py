@@ -250,6 +250,27 @@ def cmd_deleted(args: argparse.Namespace) -> int:
         close_archive()
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """A patient's access history from the audit trail (JSON lines on stdout)."""
+    import orjson
+
+    from server.archive import close_archive, open_archive
+    from server.web.api.audit import patient_history
+
+    archive = open_archive(_settings(args))
+    try:
+        entries = patient_history(archive, args.patient_id, args.institution, args.since or "")
+        for entry in entries:
+            sys.stdout.write(orjson.dumps(entry).decode() + "\n")
+        archive.audit.record(
+            "cli.audit.patient_history", getpass.getuser(), patient_id=args.patient_id
+        )
+        print(f"{len(entries)} entries", file=sys.stderr)
+        return 0
+    finally:
+        close_archive()
+
+
 def _walk(paths: Sequence[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
@@ -490,6 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
     d_restore.add_argument("series_uid")
     dele_sub.add_parser("purge", help="remove the files of series past their retention")
     dele.set_defaults(func=cmd_deleted)
+
+    aud = sub.add_parser("audit", help="the audit trail: a patient's access history")
+    common(aud)
+    aud_sub = aud.add_subparsers(dest="audit_command", required=True)
+    a_hist = aud_sub.add_parser("history", help="every access to one patient's data")
+    a_hist.add_argument("--patient-id", required=True)
+    a_hist.add_argument("--institution", default=None, help="only this tenant's studies")
+    a_hist.add_argument("--since", default=None, help="ISO 8601 time, e.g. 2026-11-01")
+    aud.set_defaults(func=cmd_audit)
 
     ech = sub.add_parser("echo", help="C-ECHO a peer from peers.toml")
     common(ech)

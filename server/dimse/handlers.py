@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
 )
 
 from server.archive import Archive
+from server.audit import subjects
 from server.catalog.db import session
 from server.catalog.search import RetrieveItem, retrieve_items, search
 from server.dicom.query import Model, Query, parse_identifier
@@ -175,6 +176,7 @@ class Handlers:
             level=query.level.name,
             keys=_keys(query),
             results=len(matches),
+            **subjects(m.values for m in matches),
         )
         if not send_find_pending(event, query, matches):
             yield 0xFE00, None  # cancelled: PS3.4 C.4.1.3.2

@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from server.archive import Archive
 from server.dicom.pixels import PixelError
 from server.errors import QueryError
+from server.web.api.audit import audit_routes
 from server.web.api.auth import auth_routes
 from server.web.api.envelope import ApiError, RequestIdMiddleware, api_error_handler
 from server.web.api.images import image_routes
@@ -76,6 +77,7 @@ def build_app(archive: Archive) -> Starlette:
         *auth_routes(archive),
         *upload_routes(archive),
         *image_routes(archive),
+        *audit_routes(archive),
     ]
     if (settings.viewer_dir / "index.html").is_file():
         from server.web.viewer import viewer_routes

@@ -97,6 +97,7 @@ def world(
             ("rad-a", "HOSP-A", "radiologist"),
             ("rad-b", "HOSP-B", "radiologist"),
             ("tech-a", "HOSP-A", "technician"),
+            ("admin-a", "HOSP-A", "admin"),
         ):
             _cli(
                 server,
@@ -112,7 +113,12 @@ def world(
             )
         tokens = {
             n: _login(server, n, i)
-            for n, i in (("rad-a", "HOSP-A"), ("rad-b", "HOSP-B"), ("tech-a", "HOSP-A"))
+            for n, i in (
+                ("rad-a", "HOSP-A"),
+                ("rad-b", "HOSP-B"),
+                ("tech-a", "HOSP-A"),
+                ("admin-a", "HOSP-A"),
+            )
         }
         ct = StudySpec(patient_id="IMG-A1", patient_name="ALPHA^ANN", study_date="20240301")
         _store(server.port, "MOD_A", list(ct_series(ct, 6, 64)))
@@ -209,3 +215,28 @@ def test_other_institutions_images_are_not_found_anywhere(world: World) -> None:
         assert {s["00100020"]["Value"][0] for s in studies} == {"IMG-A1", "IMG-A2"}
         assert client.get(f"/dicom-web/studies/{world.other.study_uid}/metadata").status_code == 404
         assert client.get(f"/dicom-web/studies/{world.ct.study_uid}/metadata").status_code == 200
+
+
+def test_patient_access_history(world: World) -> None:
+    with world.http("rad-a") as client:
+        client.get("/api/v1/images", params={"patient_id": "IMG-A1"})
+        client.get(f"/dicom-web/studies/{world.ct.study_uid}/metadata")
+        assert client.get("/api/v1/audit/patients/IMG-A1").status_code == 403
+    with world.http("admin-a") as client:
+        response = client.get("/api/v1/audit/patients/IMG-A1")
+        assert response.status_code == 200, response.text
+        entries = response.json()["data"]["entries"]
+        actions = {e["action"] for e in entries}
+        # DIMSE store, JSON API list and DICOMweb metadata all show, with who and where.
+        assert {"dimse.store", "api.images.list", "wado-metadata"} <= actions, actions
+        assert all(e.get("time") and e.get("actor") for e in entries)
+        other = client.get("/api/v1/audit/patients/IMG-B1")
+        assert other.status_code == 404  # another institution's patient
+    cmd = [sys.executable, "-m", "server", "--config", str(world.server.config_dir), "audit"]
+    cmd += ["--data-dir", str(world.server.data_dir)]
+    if world.server.database_url:
+        cmd += ["--database-url", world.server.database_url]
+    cmd += ["history", "--patient-id", "IMG-B1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert any('"dimse.store"' in line for line in result.stdout.splitlines())

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 
 from server import deletion
 from server.archive import Archive
+from server.audit import subjects
 from server.auth.roles import DELETE_IMAGES, READ_IMAGES
 from server.catalog.db import session, write_transaction
 from server.catalog.schema import Instance, Series, Study
@@ -293,6 +294,7 @@ class ImagesApi:
             address=request.client.host if request.client else "?",
             filters=dict(params),
             results=len(images),
+            **subjects(m.values for m in matches),
         )
         return ok(
             {
@@ -335,6 +337,7 @@ class ImagesApi:
             address=request.client.host if request.client else "?",
             study=image["study_uid"],
             series=series_uid,
+            patient_id=image["patient_id"],
         )
         return ok(image)
 

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server.archive import Archive
+from server.audit import subjects
 from server.catalog.db import session
 from server.catalog.search import Match, search
 from server.dicom.attributes import BY_KEYWORD, BY_TAG, INTEGER_VRS, UNIQUE_KEY, Level
@@ -252,5 +253,6 @@ class Qido:
             level=level.name,
             query=str(request.url.query)[:500],
             results=len(result.matches),
+            **subjects(m.values for m in result.matches),
         )
         return json_response(request, body, headers=headers)
