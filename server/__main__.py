@@ -271,6 +271,36 @@ def cmd_audit(args: argparse.Namespace) -> int:
         close_archive()
 
 
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    """A de-identified copy of a stored study, written into the archive (PS3.15 basic profile)."""
+    from server.archive import close_archive, open_archive
+    from server.catalog.db import session
+    from server.catalog.search import stored_instances
+    from server.deid import copy_study
+
+    archive = open_archive(_settings(args))
+    try:
+        with session():
+            items = stored_instances(args.study_uid)
+        if not items:
+            print(f"no study {args.study_uid}", file=sys.stderr)
+            return 1
+        new_uid, count = copy_study(
+            archive.ingestor,
+            [archive.storage.path_of(i.file_path) for i in items],
+            args.patient_id,
+            args.patient_name,
+            args.institution,
+        )
+        archive.audit.record(
+            "cli.deidentify", getpass.getuser(), study=args.study_uid, copy=new_uid
+        )
+        print(f"{count} instances de-identified into study {new_uid}")
+        return 0
+    finally:
+        close_archive()
+
+
 def _walk(paths: Sequence[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
@@ -520,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     a_hist.add_argument("--institution", default=None, help="only this tenant's studies")
     a_hist.add_argument("--since", default=None, help="ISO 8601 time, e.g. 2026-11-01")
     aud.set_defaults(func=cmd_audit)
+
+    deid = sub.add_parser("deidentify", help="a de-identified copy of a study (PS3.15 basic)")
+    common(deid)
+    deid.add_argument("study_uid")
+    deid.add_argument("--patient-id", required=True, help="the pseudonym's Patient ID")
+    deid.add_argument("--patient-name", required=True, help="the pseudonym's Patient Name")
+    deid.add_argument("--institution", default=None, help="owner of the copy")
+    deid.set_defaults(func=cmd_deidentify)
 
     ech = sub.add_parser("echo", help="C-ECHO a peer from peers.toml")
     common(ech)

@@ -28,6 +28,7 @@ from server.catalog.schema import ci_column
 from server.dicom import json as dicom_json
 from server.dicom.attributes import INTEGER_VRS, Level, extracted
 from server.dicom.uids import is_valid_uid
+from server.dicom.validate import problems
 from server.errors import DatasetMismatch, IngestError, InvalidDataset
 from server.storage import Storage, storage_key
 
@@ -46,6 +47,7 @@ class IngestResult:
     outcome: Outcome
     transfer_syntax_uid: str
     accession_number: str = ""
+    warnings: tuple[str, ...] = ()  # conformance problems (server/dicom/validate.py)
 
 
 Listener = Callable[[IngestResult], None]
@@ -170,7 +172,7 @@ class Ingestor:
         sop_uid = uids["SOPInstanceUID"]
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
 
-        def result(outcome: Outcome) -> IngestResult:
+        def result(outcome: Outcome, warnings: tuple[str, ...] = ()) -> IngestResult:
             return IngestResult(
                 uids["SOPClassUID"],
                 sop_uid,
@@ -179,6 +181,7 @@ class Ingestor:
                 outcome,
                 transfer_syntax,
                 str(ds.get("AccessionNumber") or "").strip(),
+                warnings,
             )
 
         with session():
@@ -186,6 +189,7 @@ class Ingestor:
                 return result("duplicate")
             key = storage_key(sop_uid)
             header = dicom_json.to_json(ds)
+            warnings = tuple(problems(header, has_pixels=False))
             metadata = dicom_json.dumps(header).decode()
             staged = self.storage.stage(key, (encoded,))
             record = writer.InstanceRecord(
@@ -214,7 +218,7 @@ class Ingestor:
                 self.storage.finish(staged, keep=False)
                 raise
             self.storage.finish(staged, keep=True, obsolete=obsolete)
-        done = result("replaced" if obsolete else "stored")
+        done = result("replaced" if obsolete else "stored", warnings)
         for listener in list(self._listeners):
             try:
                 listener(done)

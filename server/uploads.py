@@ -205,6 +205,10 @@ def process(
                     errors.append({"file": label, "reason": str(exc), "status": 0x0110})
                     continue
                 counts["duplicates" if result.outcome == "duplicate" else "stored"] += 1
+                if result.warnings and len(errors) < 1000:
+                    errors.append(
+                        {"file": label, "reason": "; ".join(result.warnings), "status": 0xB007}
+                    )
                 series[result.series_instance_uid] = None
                 if time.monotonic() - last_event > PROGRESS_EVERY:
                     last_event = time.monotonic()

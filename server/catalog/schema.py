@@ -365,3 +365,18 @@ __all__ = [
     "ci_column",
     "create_schema",
 ]
+
+
+class EventLog(BaseModel):
+    """Events published on the bus (server/events.py), kept an hour so every process can relay
+    them to its WebSocket clients, whichever process published them."""
+
+    id = AutoField()
+    kind = TextField()  # e.g. "worklist.created", "image_upload", "system_alert"
+    institution = TextField(null=True)  # the tenant the event belongs to; NULL = none
+    data = TextField()  # JSON object
+    origin = TextField()  # the publishing process (host:pid:nonce)
+    created_ms = BigIntegerField(index=True)  # epoch milliseconds
+
+
+TABLES.append(EventLog)

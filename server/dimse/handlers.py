@@ -74,6 +74,8 @@ class _StoreTally:
         self.stored = 0
         self.duplicates = 0
         self.refused = 0
+        self.nonconformant = 0
+        self.problems: list[str] = []  # the first few, for the trail
 
 
 class Handlers:
@@ -99,6 +101,8 @@ class Handlers:
                 stored=tally.stored,
                 duplicates=tally.duplicates,
                 refused=tally.refused,
+                nonconformant=tally.nonconformant,
+                problems=tally.problems,
             )
 
     # -- permissions ------------------------------------------------------------------------
@@ -145,6 +149,12 @@ class Handlers:
             tally.duplicates += 1
         else:
             tally.stored += 1
+        if result.warnings:
+            # Stored with 0x0000 all the same: many modalities treat any other status as a
+            # failure and send again. The problems go to the audit trail.
+            tally.nonconformant += 1
+            if len(tally.problems) < 10:
+                tally.problems.append(f"{result.sop_instance_uid}: {'; '.join(result.warnings)}")
         return 0x0000
 
     # -- C-FIND -----------------------------------------------------------------------------

@@ -17,12 +17,15 @@ from server.dicom.pixels import PixelError
 from server.errors import QueryError
 from server.web.api.audit import audit_routes
 from server.web.api.auth import auth_routes
+from server.web.api.deidentify import deidentify_routes
 from server.web.api.envelope import ApiError, RequestIdMiddleware, api_error_handler
 from server.web.api.images import image_routes
+from server.web.api.openapi import openapi_routes
 from server.web.api.uploads import upload_routes
 from server.web.api.worklists import worklist_routes
 from server.web.dicomweb.routes import PREFIX, dicomweb_routes
 from server.web.http import HTTPError, error_response
+from server.web.ws import websocket_routes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ def build_app(archive: Archive) -> Starlette:
         *upload_routes(archive),
         *image_routes(archive),
         *audit_routes(archive),
+        *deidentify_routes(archive),
+        *openapi_routes(),
+        *websocket_routes(archive),
     ]
     if (settings.viewer_dir / "index.html").is_file():
         from server.web.viewer import viewer_routes

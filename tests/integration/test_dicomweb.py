@@ -584,3 +584,17 @@ def test_stow_of_many_parts_streams_each_through_ingest(archive: Archive) -> Non
     assert len(response.json()["00081199"]["Value"]) == 20
     metadata = archive.client.retrieve_study_metadata(spec.study_uid)
     assert len(metadata) == 20
+
+
+def test_stow_flags_nonconformant_instances_but_stores_them(archive: Archive) -> None:
+    spec = StudySpec(patient_id="STOW-WARN", patient_name="ODD^ONE")
+    odd = small_instance(spec)
+    del odd.PatientSex  # Type 2: must be present, even empty
+    odd.HighBit = 3  # inconsistent with BitsStored 8
+    body, content_type = _multipart([_encoded(odd)])
+    response = archive.http.post("/studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 202, response.text
+    item = response.json()["00081199"]["Value"][0]
+    assert _value(item, "00081196") == 0xB007
+    assert "PatientSex" in response.headers["warning"]
+    assert archive.http.get(f"/studies/{spec.study_uid}/metadata").status_code == 200

@@ -146,6 +146,8 @@ class Stow:
                     {
                         "00081150": _ui(r.sop_class_uid),
                         "00081155": _ui(r.sop_instance_uid),
+                        # PS3.18 Table 10.5.3-3: stored, but does not match its SOP Class
+                        **({"00081196": {"vr": "US", "Value": [0xB007]}} if r.warnings else {}),
                         "00081190": {
                             "vr": "UR",
                             "Value": [
@@ -157,7 +159,8 @@ class Stow:
                     for r in stored
                 ],
             }
-        status = 200 if not failed else 202 if stored else 409
+        warned = [r for r in stored if r.warnings]
+        status = 200 if not failed and not warned else 202 if stored else 409
         self.archive.audit.record(
             "stow",
             actor,
@@ -168,6 +171,11 @@ class Stow:
             reasons=[f.reason[:200] for f in failed[:20]],
         )
         headers = {}
+        if warned and not failed:
+            headers["Warning"] = (
+                f'299 imaging-server "{len(warned)} instances were stored with conformance '
+                f'problems: {"; ".join(warned[0].warnings)[:150]}"'
+            )
         if failed:
             headers["Warning"] = (
                 f'299 imaging-server "{len(failed)} of {len(failed) + len(stored)} instances '
