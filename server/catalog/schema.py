@@ -18,6 +18,7 @@ from peewee import (
     BigIntegerField,
     CompositeKey,
     DateTimeField,
+    FloatField,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -310,7 +311,44 @@ class DeletedSeries(BaseModel):
     purged_at = IntegerField(null=True)
 
 
-AUTH_TABLES: list[Any] = [User, RefreshToken, RevokedToken, LoginFailure, Upload, DeletedSeries]
+class Segmentation(BaseModel):
+    """A segmentation of a series (the workstation API's ``/segmentations``); its mask is a
+    DICOM SEG instance in the archive (``seg_sop_instance_uid``)."""
+
+    id = TextField(primary_key=True)  # seg_<hex>
+    image_uid = TextField(index=True)  # the segmented series
+    study_uid = TextField()
+    institution = TextField(null=True, index=True)
+    seg_series_uid = TextField()
+    seg_sop_instance_uid = TextField()
+    region_type = TextField()
+    creation_method = TextField()
+    confidence = FloatField(null=True)
+    created_by = TextField()
+    created_at = IntegerField()
+    last_modified = IntegerField()
+    volume_ml = FloatField()
+    surface_area_mm2 = FloatField()
+    sphericity = FloatField()
+    voxel_count = IntegerField()
+    bounding_box = TextField(null=True)  # JSON {"min": [z, y, x], "max": [...]}
+    pi_rads_score = IntegerField(null=True)
+    anatomical_location = TextField(null=True)
+    notes = TextField(null=True)
+    validated = IntegerField(default=0)
+    validated_by = TextField(null=True)
+    validation_date = IntegerField(null=True)
+
+
+AUTH_TABLES: list[Any] = [
+    User,
+    RefreshToken,
+    RevokedToken,
+    LoginFailure,
+    Upload,
+    DeletedSeries,
+    Segmentation,
+]
 
 
 def create_schema() -> None:

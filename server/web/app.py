@@ -21,6 +21,7 @@ from server.web.api.deidentify import deidentify_routes
 from server.web.api.envelope import ApiError, RequestIdMiddleware, api_error_handler
 from server.web.api.images import image_routes
 from server.web.api.openapi import openapi_routes
+from server.web.api.segmentations import segmentation_routes
 from server.web.api.uploads import upload_routes
 from server.web.api.worklists import worklist_routes
 from server.web.dicomweb.routes import PREFIX, dicomweb_routes
@@ -82,6 +83,7 @@ def build_app(archive: Archive) -> Starlette:
         *image_routes(archive),
         *audit_routes(archive),
         *deidentify_routes(archive),
+        *segmentation_routes(archive),
         *openapi_routes(),
         *websocket_routes(archive),
     ]

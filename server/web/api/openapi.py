@@ -355,6 +355,63 @@ def document() -> dict[str, Any]:
                     "responses": _responses("201", {"type": "object"}, 401, 403, 404, 422),
                 }
             },
+            f"{API_PREFIX}/segmentations": {
+                "get": {
+                    "summary": "Segmentations, optionally of one image (series)",
+                    "security": bearer,
+                    "parameters": [_param("image_uid")],
+                    "responses": _responses("200", {"type": "object"}, 401, 403),
+                },
+                "post": {
+                    "summary": "Create a segmentation from a base64 mask (stored as DICOM SEG)",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image_uid", "region_type", "mask_data"],
+                                    "properties": {
+                                        "image_uid": _STR,
+                                        "region_type": {
+                                            "enum": [
+                                                "prostate",
+                                                "peripheral_zone",
+                                                "transition_zone",
+                                                "lesion",
+                                                "other",
+                                            ]
+                                        },
+                                        "creation_method": {
+                                            "enum": ["manual", "semi_automatic", "ai_automatic"]
+                                        },
+                                        "confidence": {"type": "number"},
+                                        "mask_data": _STR,
+                                        "metadata": {"type": "object"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": _responses("201", {"type": "object"}, 401, 403, 404, 422),
+                },
+            },
+            f"{API_PREFIX}/segmentations/{{segmentation_id}}": {
+                "get": {
+                    "summary": "One segmentation",
+                    "security": bearer,
+                    "parameters": [_param("segmentation_id", "path")],
+                    "responses": _responses("200", {"type": "object"}, 401, 403, 404),
+                },
+                "put": {
+                    "summary": "Update score, validation, notes",
+                    "security": bearer,
+                    "parameters": [_param("segmentation_id", "path")],
+                    "requestBody": body,
+                    "responses": _responses("200", {"type": "object"}, 401, 403, 404, 422),
+                },
+            },
             f"{API_PREFIX}/openapi.json": {
                 "get": {
                     "summary": "This document",
