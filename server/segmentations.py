@@ -225,6 +225,10 @@ def create(ingestor: Ingestor, body: Any, user: str, institution: str | None) ->
     if not isinstance(metadata, dict):
         bad["metadata"] = "must be an object"
         metadata = {}
+    for name in ("anatomical_location", "radiologist_notes"):
+        value = metadata.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 2000):
+            bad[f"metadata.{name}"] = "must be a string of at most 2000 characters"
     if bad:
         raise SegmentationError(
             422, "VALIDATION_ERROR", "the request has invalid fields", fields=bad
