@@ -159,7 +159,7 @@ class WorklistItem(BaseModel):
 
     id = AutoField()
     institution = TextField(index=True)
-    accession_number = TextField()
+    accession_number = TextField(index=True)  # alone too: ingest links studies by it
     patient_id = TextField(index=True)
     surname = TextField()
     surname_ci = TextField(index=True)

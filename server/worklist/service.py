@@ -441,13 +441,24 @@ class StudyLinker:
 
 def link_study(study_uid: str, accession: str) -> None:
     """Link the worklist items whose StudyInstanceUID or AccessionNumber is this study's."""
-    conds = WorklistItem.study_instance_uid == study_uid
-    if accession:
-        conds |= WorklistItem.accession_number == accession
+    # Raw SQL: this runs for every new study on the C-STORE path, where Peewee's query
+    # builder would cost more than the indexed lookup itself.
+    param = "%s" if is_postgres() else "?"
+    sql = (
+        f'SELECT "id" FROM "worklist_item" WHERE ("study_instance_uid" = {param}'
+        + (f' OR "accession_number" = {param}' if accession else "")
+        + ') AND "linked_study_uid" IS NULL'
+    )
     with session():
-        items = list(
-            WorklistItem.select().where(conds & WorklistItem.linked_study_uid.is_null(True))
-        )
+        ids = [
+            row[0]
+            for row in database.execute_sql(
+                sql, [study_uid, accession] if accession else [study_uid]
+            ).fetchall()
+        ]
+        if not ids:
+            return
+        items = list(WorklistItem.select().where(WorklistItem.id.in_(ids)))
         for item in items:
             with write_transaction():
                 updated = (
