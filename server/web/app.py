@@ -21,6 +21,7 @@ from server.web.api.deidentify import deidentify_routes
 from server.web.api.envelope import ApiError, RequestIdMiddleware, api_error_handler
 from server.web.api.images import image_routes
 from server.web.api.openapi import openapi_routes
+from server.web.api.reports import report_routes
 from server.web.api.segmentations import segmentation_routes
 from server.web.api.uploads import upload_routes
 from server.web.api.worklists import worklist_routes
@@ -84,6 +85,7 @@ def build_app(archive: Archive) -> Starlette:
         *audit_routes(archive),
         *deidentify_routes(archive),
         *segmentation_routes(archive),
+        *report_routes(archive),
         *openapi_routes(),
         *websocket_routes(archive),
     ]

@@ -412,6 +412,51 @@ def document() -> dict[str, Any]:
                     "responses": _responses("200", {"type": "object"}, 401, 403, 404, 422),
                 },
             },
+            f"{API_PREFIX}/reports/generate": {
+                "post": {
+                    "summary": "Generate a signed PI-RADS report (PDF, HTML, JSON, DICOM SR)",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["study_uid"],
+                                    "properties": {
+                                        "study_uid": _STR,
+                                        "template": {"const": "pi_rads_structured_report"},
+                                        "include_images": {"type": "boolean"},
+                                        "include_measurements": {"type": "boolean"},
+                                        "radiologist_signature": {"type": "object"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": _responses("201", {"type": "object"}, 401, 403, 404, 422),
+                }
+            },
+            f"{API_PREFIX}/reports/signing-key": {
+                "get": {
+                    "summary": "The Ed25519 public key (PEM) that verifies report signatures",
+                    "security": [],
+                    "responses": {"200": {"description": "PEM public key"}},
+                }
+            },
+            f"{API_PREFIX}/reports/{{name}}": {
+                "get": {
+                    "summary": "A report as report_<id>.pdf, .html, .json or .dcm",
+                    "security": bearer,
+                    "parameters": [_param("name", "path")],
+                    "responses": {
+                        "200": {"description": "the report"},
+                        "401": {"description": "error"},
+                        "403": {"description": "error"},
+                        "404": {"description": "error"},
+                    },
+                }
+            },
             f"{API_PREFIX}/openapi.json": {
                 "get": {
                     "summary": "This document",
