@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -158,6 +159,13 @@ class Handlers:
         return 0x0000
 
     # -- C-FIND -----------------------------------------------------------------------------
+    def _tenant(self, event: Event, query: Query) -> Query:
+        """An AE bound to an institution (``institution`` in peers.toml) queries and retrieves
+        that institution's studies only; an AE without one sees the whole archive, as before
+        tenants existed."""
+        institution = self.settings.institution_of(_calling(event))
+        return replace(query, institution=institution) if institution else query
+
     def _model(self, event: Event) -> Model:
         sop_class = event.request.AffectedSOPClassUID
         return Model.PATIENT_ROOT if sop_class in _PATIENT_ROOT else Model.STUDY_ROOT
@@ -169,10 +177,13 @@ class Handlers:
             yield failure(0xC001, f"{_calling(event)} may not query"), None
             return
         try:
-            query = parse_identifier(
-                event.identifier,
-                self._model(event),
-                case_insensitive_pn=self.settings.case_insensitive_pn,
+            query = self._tenant(
+                event,
+                parse_identifier(
+                    event.identifier,
+                    self._model(event),
+                    case_insensitive_pn=self.settings.case_insensitive_pn,
+                ),
             )
             with session():
                 matches = search(query).matches
@@ -195,10 +206,13 @@ class Handlers:
     def _items(
         self, event: Event, action: str, destination: str | None = None
     ) -> list[RetrieveItem]:
-        query = parse_identifier(
-            event.identifier,
-            self._model(event),
-            case_insensitive_pn=self.settings.case_insensitive_pn,
+        query = self._tenant(
+            event,
+            parse_identifier(
+                event.identifier,
+                self._model(event),
+                case_insensitive_pn=self.settings.case_insensitive_pn,
+            ),
         )
         with session():
             items = retrieve_items(query)

@@ -240,3 +240,28 @@ def test_patient_access_history(world: World) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     assert any('"dimse.store"' in line for line in result.stdout.splitlines())
+
+
+def _cfind_patients(port: int, calling: str) -> set[str]:
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = ""
+    found = set()
+    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+        if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
+            found.add(str(identifier.PatientID))
+    assoc.release()
+    return found
+
+
+def test_dimse_queries_are_confined_to_the_calling_aes_institution(world: World) -> None:
+    assert _cfind_patients(world.server.port, "MOD_A") == {"IMG-A1", "IMG-A2"}
+    assert _cfind_patients(world.server.port, "MOD_B") == {"IMG-B1"}
+    # An AE bound to no institution sees the whole archive, as before tenants existed.
+    assert {"IMG-A1", "IMG-A2", "IMG-B1"} <= _cfind_patients(world.server.port, "ANY_AE")
