@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +137,8 @@ def cmd_dimse_worker(args: argparse.Namespace) -> int:
 def cmd_apikey(args: argparse.Namespace) -> int:
     """Worklist API keys: create (prints the key once), list, revoke."""
     from server import apikeys
-    from server.archive import close_archive, open_archive
 
-    open_archive(_settings(args))
-    try:
+    with _opened(args):
         if args.apikey_command == "create":
             try:
                 key, info = apikeys.create(args.institution, args.name or "")
@@ -164,6 +163,16 @@ def cmd_apikey(args: argparse.Namespace) -> int:
                 return 1
             print(f"revoked key {revoked.id} ({revoked.prefix}...) of {revoked.institution!r}")
         return 0
+
+
+@contextmanager
+def _opened(args: argparse.Namespace) -> Iterator[Any]:
+    """The archive for one CLI command, closed afterwards."""
+    from server.archive import close_archive, open_archive
+
+    archive = open_archive(_settings(args))
+    try:
+        yield archive
     finally:
         close_archive()
 
@@ -185,50 +194,46 @@ def _password(args: argparse.Namespace) -> str | None:
 
 def cmd_user(args: argparse.Namespace) -> int:
     """JSON API users: create, list, set (role, password, enable/disable)."""
-    from server.archive import close_archive, open_archive
     from server.auth import users
 
-    open_archive(_settings(args))
-    try:
-        if args.user_command == "create":
-            args.ask_password = True
-            password = _password(args) or ""
-            info = users.create(args.username, args.institution, args.role, password)
-            print(
-                f"created {info.public_id} {info.username!r} ({info.role}) in {info.institution!r}"
-            )
-        elif args.user_command == "list":
-            for u in users.list_users(args.institution):
-                state = "active" if u.active else "disabled"
-                print(f"{u.public_id}\t{u.username}\t{u.institution}\t{u.role}\t{state}")
-        else:
-            active = True if args.enable else False if args.disable else None
-            info = users.update(
-                args.username,
-                args.institution,
-                role=args.role,
-                password=_password(args),
-                active=active,
-            )
-            print(
-                f"updated {info.public_id} {info.username!r}: {info.role}, "
-                f"{'active' if info.active else 'disabled'}"
-            )
-        return 0
-    except users.UserError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    finally:
-        close_archive()
+    with _opened(args):
+        try:
+            if args.user_command == "create":
+                args.ask_password = True
+                password = _password(args) or ""
+                info = users.create(args.username, args.institution, args.role, password)
+                print(
+                    f"created {info.public_id} {info.username!r} ({info.role}) "
+                    f"in {info.institution!r}"
+                )
+            elif args.user_command == "list":
+                for u in users.list_users(args.institution):
+                    state = "active" if u.active else "disabled"
+                    print(f"{u.public_id}\t{u.username}\t{u.institution}\t{u.role}\t{state}")
+            else:
+                active = True if args.enable else False if args.disable else None
+                info = users.update(
+                    args.username,
+                    args.institution,
+                    role=args.role,
+                    password=_password(args),
+                    active=active,
+                )
+                print(
+                    f"updated {info.public_id} {info.username!r}: {info.role}, "
+                    f"{'active' if info.active else 'disabled'}"
+                )
+            return 0
+        except users.UserError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
 
 
 def cmd_deleted(args: argparse.Namespace) -> int:
     """Series deleted through the API: list, restore, purge (server/deletion.py)."""
     from server import deletion
-    from server.archive import close_archive, open_archive
 
-    archive = open_archive(_settings(args))
-    try:
+    with _opened(args) as archive:
         if args.deleted_command == "list":
             for d in deletion.list_deleted(args.all):
                 until = time.strftime("%Y-%m-%d", time.gmtime(d["retention_until"]))
@@ -246,19 +251,15 @@ def cmd_deleted(args: argparse.Namespace) -> int:
         else:
             print(f"purged {deletion.purge(archive.storage)} series past their retention")
         return 0
-    finally:
-        close_archive()
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """A patient's access history from the audit trail (JSON lines on stdout)."""
     import orjson
 
-    from server.archive import close_archive, open_archive
     from server.web.api.audit import patient_history
 
-    archive = open_archive(_settings(args))
-    try:
+    with _opened(args) as archive:
         entries = patient_history(archive, args.patient_id, args.institution, args.since or "")
         for entry in entries:
             sys.stdout.write(orjson.dumps(entry).decode() + "\n")
@@ -267,19 +268,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         )
         print(f"{len(entries)} entries", file=sys.stderr)
         return 0
-    finally:
-        close_archive()
 
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
     """A de-identified copy of a stored study, written into the archive (PS3.15 basic profile)."""
-    from server.archive import close_archive, open_archive
     from server.catalog.db import session
     from server.catalog.search import stored_instances
     from server.deid import copy_study
 
-    archive = open_archive(_settings(args))
-    try:
+    with _opened(args) as archive:
         with session():
             items = stored_instances(args.study_uid)
         if not items:
@@ -297,8 +294,6 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
         )
         print(f"{count} instances de-identified into study {new_uid}")
         return 0
-    finally:
-        close_archive()
 
 
 def _walk(paths: Sequence[Path]) -> Iterator[Path]:

@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,7 +27,7 @@ from server.catalog.db import session, write_transaction
 from server.catalog.schema import DeletedSeries, Instance, Series, Study
 from server.catalog.writer import delete_instance_row
 from server.ingest import Ingestor
-from server.storage import Storage
+from server.storage import Storage, fsync_dir
 
 
 class NotFound(Exception):
@@ -54,14 +53,6 @@ class Deleted:
                 "%Y-%m-%dT%H:%M:%SZ"
             ),
         }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def delete_series(
@@ -114,7 +105,7 @@ def delete_series(
             )
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(target)
+        fsync_dir(target)
         retention_until = now + retention_days * 86400
         with write_transaction():
             for inst in instances:

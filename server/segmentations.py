@@ -27,7 +27,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from server.catalog.db import session, write_transaction
-from server.catalog.schema import Segmentation
+from server.catalog.schema import Instance, Segmentation, Series, Study
 from server.domain.entities import AnatomicalRegion, ImageSpacing, MedicalSegmentation
 from server.ingest import Ingestor
 
@@ -80,8 +80,6 @@ def _no_bulk(tag: str, vr: str, uri: str) -> bytes:
 def series_geometry(series_uid: str, institution: str | None) -> SeriesGeometry:
     """The series' image headers (from the catalog) sorted along the slice normal."""
     with session():
-        from server.catalog.schema import Instance, Series, Study
-
         rows = list(
             Instance.select(Instance.metadata, Study.study_instance_uid, Study.institution)
             .join(Series, on=(Instance.series == Series.id))

@@ -29,7 +29,8 @@ def storage_key(sop_instance_uid: str) -> str:
     return hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new links, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -81,7 +82,7 @@ class Storage:
                 directory.mkdir(parents=True, exist_ok=True)
                 self._known_dirs.add(directory)
             os.link(part, final)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except OSError as exc:
             for leftover in (final, part):
                 leftover.unlink(missing_ok=True)

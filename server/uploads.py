@@ -182,6 +182,16 @@ def process(
     errors: list[dict[str, Any]] = []
     series: dict[str, None] = {}
     last_event = 0.0
+
+    def checkpoint(**extra: Any) -> None:
+        _save(
+            upload_id,
+            **counts,
+            **extra,
+            series_uids=orjson.dumps(list(series)).decode(),
+            errors=orjson.dumps(errors[:1000]).decode(),
+        )
+
     try:
         _save(upload_id, status="processing")
         _announce(upload_id, institution)
@@ -212,12 +222,7 @@ def process(
                 series[result.series_instance_uid] = None
                 if time.monotonic() - last_event > PROGRESS_EVERY:
                     last_event = time.monotonic()
-                    _save(
-                        upload_id,
-                        **counts,
-                        series_uids=orjson.dumps(list(series)).decode(),
-                        errors=orjson.dumps(errors[:1000]).decode(),
-                    )
+                    checkpoint()
                     _announce(upload_id, institution)
         if counts["files"] == 0:
             status = "failed"
@@ -232,13 +237,7 @@ def process(
         log.exception("upload %s failed", upload_id)
         status = "failed"
         errors.append({"file": "", "reason": f"processing stopped: {exc}", "status": 0x0110})
-    _save(
-        upload_id,
-        status=status,
-        **counts,
-        series_uids=orjson.dumps(list(series)).decode(),
-        errors=orjson.dumps(errors[:1000]).decode(),
-    )
+    checkpoint(status=status)
     shutil.rmtree(directory, ignore_errors=True)
     _announce(upload_id, institution)
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tools.procs import (
     DCMTK_TOOLS,
@@ -69,7 +70,12 @@ def postgres_database() -> Iterator[str]:
 
 
 def server_cli(
-    command: str, config: Path, data_dir: Path, *args: str, database_url: str = ""
+    command: str,
+    config: Path,
+    data_dir: Path,
+    *args: str,
+    database_url: str = "",
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m server COMMAND`` against a configuration and data directory."""
     cmd = [sys.executable, "-m", "server", "--config", str(config), command]
@@ -77,8 +83,72 @@ def server_cli(
     if database_url:
         cmd += ["--database-url", database_url]
     return subprocess.run(
-        [*cmd, *args], cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=600
+        [*cmd, *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
     )
+
+
+# --- the JSON API's users and keys, made with the CLI as an operator would -------------------
+
+PASSWORD = "correct-horse-battery"
+
+
+def cli(server: ServerProcess, command: str, *args: str, stdin: str | None = None) -> str:
+    """``python -m server COMMAND`` against a running test server's data; its stdout."""
+    result = server_cli(
+        command,
+        server.config_dir,
+        server.data_dir,
+        *args,
+        database_url=server.database_url,
+        stdin=stdin,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def create_user(server: ServerProcess, username: str, institution: str, role: str) -> None:
+    cli(
+        server,
+        "user",
+        "create",
+        "--username",
+        username,
+        "--institution",
+        institution,
+        "--role",
+        role,
+        "--password-stdin",
+        stdin=PASSWORD + "\n",
+    )
+
+
+def login(server: ServerProcess, username: str, institution: str) -> dict[str, Any]:
+    """The login answer's data: tokens and user_info."""
+    import httpx
+
+    response = httpx.post(
+        f"{server.base_url}/api/v1/auth/login",
+        json={"username": username, "password": PASSWORD, "institution": institution},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json()["data"])
+
+
+def user_token(server: ServerProcess, username: str, institution: str, role: str) -> str:
+    """Create a user and log in: its access token."""
+    create_user(server, username, institution, role)
+    return str(login(server, username, institution)["access_token"])
+
+
+def api_key(server: ServerProcess, institution: str) -> str:
+    return cli(server, "apikey", "create", "--institution", institution).strip()
 
 
 def run(
@@ -97,3 +167,30 @@ def run(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def store_as(port: int, calling: str, datasets: Sequence[Any]) -> None:
+    """C-STORE ``datasets`` (CT or secondary capture) to our server as AE ``calling``."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    ae.add_requested_context(SecondaryCaptureImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING")
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0
+    finally:
+        assoc.release()
+
+
+def tenant_config(directory: Path, server_toml: str = "") -> Path:
+    """A configuration with tokens required on loopback and modality MOD_A of HOSP-A."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "server.toml").write_text("[http]\nauth_off_for_loopback = false\n" + server_toml)
+    (directory / "peers.toml").write_text(
+        '[[peer]]\nae_title = "MOD_A"\nhost = "127.0.0.1"\nport = 1\ninstitution = "HOSP-A"\n'
+    )
+    return directory

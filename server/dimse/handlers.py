@@ -159,10 +159,15 @@ class Handlers:
         return 0x0000
 
     # -- C-FIND -----------------------------------------------------------------------------
-    def _tenant(self, event: Event, query: Query) -> Query:
-        """An AE bound to an institution (``institution`` in peers.toml) queries and retrieves
-        that institution's studies only; an AE without one sees the whole archive, as before
-        tenants existed."""
+    def _query(self, event: Event) -> Query:
+        """The request's identifier as a query. An AE bound to an institution (``institution``
+        in peers.toml) queries and retrieves that institution's studies only; an AE without
+        one sees the whole archive, as before tenants existed."""
+        query = parse_identifier(
+            event.identifier,
+            self._model(event),
+            case_insensitive_pn=self.settings.case_insensitive_pn,
+        )
         institution = self.settings.institution_of(_calling(event))
         return replace(query, institution=institution) if institution else query
 
@@ -177,14 +182,7 @@ class Handlers:
             yield failure(0xC001, f"{_calling(event)} may not query"), None
             return
         try:
-            query = self._tenant(
-                event,
-                parse_identifier(
-                    event.identifier,
-                    self._model(event),
-                    case_insensitive_pn=self.settings.case_insensitive_pn,
-                ),
-            )
+            query = self._query(event)
             with session():
                 matches = search(query).matches
         except QueryError as exc:
@@ -206,14 +204,7 @@ class Handlers:
     def _items(
         self, event: Event, action: str, destination: str | None = None
     ) -> list[RetrieveItem]:
-        query = self._tenant(
-            event,
-            parse_identifier(
-                event.identifier,
-                self._model(event),
-                case_insensitive_pn=self.settings.case_insensitive_pn,
-            ),
-        )
+        query = self._query(event)
         with session():
             items = retrieve_items(query)
         self.audit.record(

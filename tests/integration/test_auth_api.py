@@ -3,8 +3,6 @@ permissions on DICOMweb, the envelope and request ids, against a running server.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,14 +16,15 @@ import jwt
 import pytest
 
 from tests.helpers import (
-    ROOT,
+    PASSWORD,
     ServerProcess,
+    cli,
+    create_user,
+    login,
     postgres_available,
     postgres_database,
     write_config,
 )
-
-PASSWORD = "correct-horse-battery"
 
 
 @dataclass
@@ -37,28 +36,13 @@ class Served:
             headers["Authorization"] = f"Bearer {token}"
         return httpx.Client(base_url=self.server.base_url, headers=headers, timeout=30)
 
-    def user(self, role: str, institution: str = "HOSP-A", username: str = "") -> str:
-        username = username or f"{role}-{uuid.uuid4().hex[:6]}"
-        cmd = [sys.executable, "-m", "server", "--config", str(self.server.config_dir), "user"]
-        cmd += ["--data-dir", str(self.server.data_dir)]
-        if self.server.database_url:
-            cmd += ["--database-url", self.server.database_url]
-        cmd += ["create", "--username", username, "--institution", institution]
-        cmd += ["--role", role, "--password-stdin"]
-        result = subprocess.run(
-            cmd, input=PASSWORD + "\n", capture_output=True, text=True, cwd=ROOT, timeout=60
-        )
-        assert result.returncode == 0, result.stderr
+    def user(self, role: str, institution: str = "HOSP-A") -> str:
+        username = f"{role}-{uuid.uuid4().hex[:6]}"
+        create_user(self.server, username, institution, role)
         return username
 
     def login(self, username: str, institution: str = "HOSP-A") -> dict[str, Any]:
-        with self.http() as client:
-            response = client.post(
-                "/api/v1/auth/login",
-                json={"username": username, "password": PASSWORD, "institution": institution},
-            )
-        assert response.status_code == 200, response.text
-        return dict(response.json()["data"])
+        return login(self.server, username, institution)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -217,13 +201,7 @@ def test_dicomweb_needs_a_token_with_the_right_permission(served: Served) -> Non
 def test_disabled_users_cannot_log_in(served: Served) -> None:
     name = served.user("viewer")
     pair = served.login(name)
-    cmd = [sys.executable, "-m", "server", "--config", str(served.server.config_dir), "user"]
-    cmd += ["--data-dir", str(served.server.data_dir)]
-    if served.server.database_url:
-        cmd += ["--database-url", served.server.database_url]
-    cmd += ["set", "--username", name, "--institution", "HOSP-A", "--disable"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert result.returncode == 0, result.stderr
+    cli(served.server, "user", "set", "--username", name, "--institution", "HOSP-A", "--disable")
     with served.http() as client:
         denied = client.post(
             "/api/v1/auth/login",

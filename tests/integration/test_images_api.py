@@ -5,8 +5,6 @@ DICOMweb alike."""
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -16,12 +14,16 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 
-from tests.helpers import ROOT, ServerProcess, postgres_available, postgres_database
+from tests.helpers import (
+    ServerProcess,
+    cli,
+    postgres_available,
+    postgres_database,
+    store_as,
+    user_token,
+)
 from tools.generate import StudySpec, ct_series, small_instance
-
-PASSWORD = "correct-horse-battery"
 
 
 @dataclass
@@ -35,39 +37,6 @@ class World:
     def http(self, who: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
         return httpx.Client(base_url=self.server.base_url, headers=headers, timeout=30)
-
-
-def _store(port: int, calling: str, datasets: list[Dataset]) -> None:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
-    ae.add_requested_context(SecondaryCaptureImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING")
-    assert assoc.is_established
-    try:
-        for ds in datasets:
-            assert assoc.send_c_store(ds).Status == 0
-    finally:
-        assoc.release()
-
-
-def _cli(server: ServerProcess, *args: str, stdin: str = "") -> None:
-    cmd = [sys.executable, "-m", "server", "--config", str(server.config_dir), "user"]
-    cmd += ["--data-dir", str(server.data_dir)]
-    if server.database_url:
-        cmd += ["--database-url", server.database_url]
-    result = subprocess.run(
-        [*cmd, *args], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-
-
-def _login(server: ServerProcess, username: str, institution: str) -> str:
-    response = httpx.post(
-        f"{server.base_url}/api/v1/auth/login",
-        json={"username": username, "password": PASSWORD, "institution": institution},
-    )
-    assert response.status_code == 200, response.text
-    return str(response.json()["data"]["access_token"])
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -93,37 +62,19 @@ def world(
         )
         server = ServerProcess(tmp / "data", config, url).start()
         stack.callback(server.stop)
-        for name, institution, role in (
-            ("rad-a", "HOSP-A", "radiologist"),
-            ("rad-b", "HOSP-B", "radiologist"),
-            ("tech-a", "HOSP-A", "technician"),
-            ("admin-a", "HOSP-A", "admin"),
-        ):
-            _cli(
-                server,
-                "create",
-                "--username",
-                name,
-                "--institution",
-                institution,
-                "--role",
-                role,
-                "--password-stdin",
-                stdin=PASSWORD + "\n",
-            )
         tokens = {
-            n: _login(server, n, i)
-            for n, i in (
-                ("rad-a", "HOSP-A"),
-                ("rad-b", "HOSP-B"),
-                ("tech-a", "HOSP-A"),
-                ("admin-a", "HOSP-A"),
+            name: user_token(server, name, institution, role)
+            for name, institution, role in (
+                ("rad-a", "HOSP-A", "radiologist"),
+                ("rad-b", "HOSP-B", "radiologist"),
+                ("tech-a", "HOSP-A", "technician"),
+                ("admin-a", "HOSP-A", "admin"),
             )
         }
         ct = StudySpec(patient_id="IMG-A1", patient_name="ALPHA^ANN", study_date="20240301")
-        _store(server.port, "MOD_A", list(ct_series(ct, 6, 64)))
+        store_as(server.port, "MOD_A", list(ct_series(ct, 6, 64)))
         other = StudySpec(patient_id="IMG-B1", patient_name="BETA^BEN", study_date="20230101")
-        _store(server.port, "MOD_B", [small_instance(other)])
+        store_as(server.port, "MOD_B", [small_instance(other)])
         stowed = StudySpec(patient_id="IMG-A2", patient_name="GAMMA^GUS", study_date="20220615")
         buf = io.BytesIO()
         small_instance(stowed).save_as(buf, enforce_file_format=True)
@@ -232,14 +183,8 @@ def test_patient_access_history(world: World) -> None:
         assert all(e.get("time") and e.get("actor") for e in entries)
         other = client.get("/api/v1/audit/patients/IMG-B1")
         assert other.status_code == 404  # another institution's patient
-    cmd = [sys.executable, "-m", "server", "--config", str(world.server.config_dir), "audit"]
-    cmd += ["--data-dir", str(world.server.data_dir)]
-    if world.server.database_url:
-        cmd += ["--database-url", world.server.database_url]
-    cmd += ["history", "--patient-id", "IMG-B1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert any('"dimse.store"' in line for line in result.stdout.splitlines())
+    history = cli(world.server, "audit", "history", "--patient-id", "IMG-B1")
+    assert any('"dimse.store"' in line for line in history.splitlines())
 
 
 def _cfind_patients(port: int, calling: str) -> set[str]:

@@ -9,20 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.helpers import ROOT
-
-PASSWORD = "correct-horse-battery"
-
-
-def _cli(server: Any, *args: str, stdin: str = "") -> str:
-    cmd = [sys.executable, "-m", "server", "--config", str(server.config_dir), args[0]]
-    cmd += ["--data-dir", str(server.data_dir), *args[1:]]
-    result = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+from tests.helpers import api_key, user_token
 
 
 @pytest.mark.slow
@@ -31,24 +20,8 @@ def test_no_operation_answers_a_server_error(server_factory: Any, tmp_path: Path
     if not st.exists():
         pytest.skip("schemathesis is not installed (tools/setup --test installs it)")
     server = server_factory(server_toml="[http]\nauth_off_for_loopback = false\n")
-    _cli(
-        server,
-        "user",
-        "create",
-        "--username",
-        "fuzz",
-        "--institution",
-        "FUZZ",
-        "--role",
-        "admin",
-        "--password-stdin",
-        stdin=PASSWORD + "\n",
-    )
-    key = _cli(server, "apikey", "create", "--institution", "FUZZ").strip()
-    token = httpx.post(
-        f"{server.base_url}/api/v1/auth/login",
-        json={"username": "fuzz", "password": PASSWORD, "institution": "FUZZ"},
-    ).json()["data"]["access_token"]
+    token = user_token(server, "fuzz", "FUZZ", "admin")
+    key = api_key(server, "FUZZ")
     result = subprocess.run(
         [
             str(st),

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import subprocess
-import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -19,13 +17,10 @@ import httpx
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
-from tests.helpers import ROOT, ServerProcess, run
+from tests.helpers import ServerProcess, run, store_as, tenant_config, user_token
 from tools.generate import StudySpec, ct_series
 
-PASSWORD = "correct-horse-battery"
 SLICES, SIZE = 12, 32
 
 
@@ -47,41 +42,22 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("segmentations")
-    config = tmp / "config"
-    config.mkdir()
-    (config / "server.toml").write_text("[http]\nauth_off_for_loopback = false\n")
-    (config / "peers.toml").write_text(
-        '[[peer]]\nae_title = "MOD_A"\nhost = "127.0.0.1"\nport = 1\ninstitution = "HOSP-A"\n'
-    )
+    config = tenant_config(tmp / "config")
     with ExitStack() as stack:
         server = ServerProcess(tmp / "data", config).start()
         stack.callback(server.stop)
-        tokens = {}
-        for name, institution, role in (
-            ("rad-a", "HOSP-A", "radiologist"),
-            ("viewer-a", "HOSP-A", "viewer"),
-            ("rad-b", "HOSP-B", "radiologist"),
-        ):
-            cmd = [sys.executable, "-m", "server", "--config", str(config), "user"]
-            cmd += ["--data-dir", str(server.data_dir), "create", "--username", name]
-            cmd += ["--institution", institution, "--role", role, "--password-stdin"]
-            done = subprocess.run(
-                cmd, input=PASSWORD + "\n", capture_output=True, text=True, cwd=ROOT, timeout=60
+        tokens = {
+            name: user_token(server, name, institution, role)
+            for name, institution, role in (
+                ("rad-a", "HOSP-A", "radiologist"),
+                ("viewer-a", "HOSP-A", "viewer"),
+                ("rad-b", "HOSP-B", "radiologist"),
             )
-            assert done.returncode == 0, done.stderr
-            tokens[name] = httpx.post(
-                f"{server.base_url}/api/v1/auth/login",
-                json={"username": name, "password": PASSWORD, "institution": institution},
-            ).json()["data"]["access_token"]
+        }
         spec = StudySpec(patient_id="SEG-P1", patient_name="SEG^PATIENT")
         datasets = list(ct_series(spec, SLICES, SIZE))
         # sent in reverse order: the API orders slices by position, not by arrival
-        ae = AE(ae_title="MOD_A")
-        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING")
-        for ds in reversed(datasets):
-            assert assoc.send_c_store(ds).Status == 0
-        assoc.release()
+        store_as(server.port, "MOD_A", list(reversed(datasets)))
         yield World(server, str(datasets[0].SeriesInstanceUID), spec.study_uid, tokens)
 
 

@@ -4,8 +4,6 @@ and recoverable ``DELETE /api/v1/images/{series_uid}`` with the ``deleted`` CLI.
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -17,10 +15,14 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 
-from tests.helpers import ROOT, ServerProcess, postgres_available, postgres_database
+from tests.helpers import (
+    ServerProcess,
+    cli,
+    postgres_available,
+    postgres_database,
+    user_token,
+)
 from tools.generate import StudySpec, ct_series, small_instance, uid
-
-PASSWORD = "correct-horse-battery"
 
 
 @dataclass
@@ -35,16 +37,8 @@ class World:
             timeout=60,
         )
 
-    def cli(self, *args: str, stdin: str = "") -> str:
-        cmd = [sys.executable, "-m", "server", "--config", str(self.server.config_dir), args[0]]
-        cmd += ["--data-dir", str(self.server.data_dir)]
-        if self.server.database_url:
-            cmd += ["--database-url", self.server.database_url]
-        result = subprocess.run(
-            [*cmd, *args[1:]], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+    def cli(self, command: str, *args: str) -> str:
+        return cli(self.server, command, *args)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -67,30 +61,18 @@ def world(
         (config / "peers.toml").write_text("")
         server = ServerProcess(tmp / "data", config, url).start()
         stack.callback(server.stop)
-        world = World(server, {})
-        for name, institution, role in (
-            ("tech-a", "HOSP-A", "technician"),
-            ("rad-a", "HOSP-A", "radiologist"),
-            ("admin-a", "HOSP-A", "admin"),
-            ("tech-b", "HOSP-B", "technician"),
-        ):
-            world.cli(
-                "user",
-                "create",
-                "--username",
-                name,
-                "--institution",
-                institution,
-                "--role",
-                role,
-                "--password-stdin",
-                stdin=PASSWORD + "\n",
-            )
-            login = httpx.post(
-                f"{server.base_url}/api/v1/auth/login",
-                json={"username": name, "password": PASSWORD, "institution": institution},
-            )
-            world.tokens[name] = login.json()["data"]["access_token"]
+        world = World(
+            server,
+            {
+                name: user_token(server, name, institution, role)
+                for name, institution, role in (
+                    ("tech-a", "HOSP-A", "technician"),
+                    ("rad-a", "HOSP-A", "radiologist"),
+                    ("admin-a", "HOSP-A", "admin"),
+                    ("tech-b", "HOSP-B", "technician"),
+                )
+            },
+        )
         yield world
 
 

@@ -25,13 +25,13 @@ from websockets.sync.client import ClientConnection, connect
 from tests.helpers import (
     ROOT,
     ServerProcess,
+    api_key,
     postgres_available,
     postgres_database,
-    server_cli,
+    user_token,
     write_config,
 )
 
-PASSWORD = "correct-horse-battery"
 WORKERS = 2
 ITEM = {
     "patient_id": "PWS1",
@@ -51,52 +51,12 @@ class Served:
     def ws_url(self) -> str:
         return self.server.base_url.replace("http://", "ws://") + "/ws/v1"
 
-    def _cli(self, *args: str, stdin: str = "") -> str:
-        cmd = [sys.executable, "-m", "server", "--config", str(self.server.config_dir)]
-        cmd += [args[0], "--data-dir", str(self.server.data_dir)]
-        if self.server.database_url:
-            cmd += ["--database-url", self.server.database_url]
-        result = subprocess.run(
-            [*cmd, *args[1:]], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=60
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
-
     def token(self, institution: str, role: str = "viewer") -> str:
         """A new user's access token."""
-        username = f"{role}-{uuid.uuid4().hex[:6]}"
-        self._cli(
-            "user",
-            "create",
-            "--username",
-            username,
-            "--institution",
-            institution,
-            "--role",
-            role,
-            "--password-stdin",
-            stdin=PASSWORD + "\n",
-        )
-        response = httpx.post(
-            f"{self.server.base_url}/api/v1/auth/login",
-            json={"username": username, "password": PASSWORD, "institution": institution},
-            timeout=30,
-        )
-        assert response.status_code == 200, response.text
-        return str(response.json()["data"]["access_token"])
+        return user_token(self.server, f"{role}-{uuid.uuid4().hex[:6]}", institution, role)
 
     def api_key(self, institution: str) -> str:
-        result = server_cli(
-            "apikey",
-            self.server.config_dir,
-            self.server.data_dir,
-            "create",
-            "--institution",
-            institution,
-            database_url=self.server.database_url,
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
+        return api_key(self.server, institution)
 
     def connect(self, token: str | None = None, **headers: str) -> ClientConnection:
         url = self.ws_url if token is None else f"{self.ws_url}?token={token}"

@@ -18,6 +18,7 @@ import pytest
 
 from tests.helpers import (
     ServerProcess,
+    api_key,
     postgres_available,
     postgres_database,
     server_cli,
@@ -49,20 +50,6 @@ class Api:
         return httpx.Client(base_url=self.server.base_url, headers=headers, timeout=30)
 
 
-def _key(server: ServerProcess, institution: str) -> str:
-    result = server_cli(
-        "apikey",
-        server.config_dir,
-        server.data_dir,
-        "create",
-        "--institution",
-        institution,
-        database_url=server.database_url,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def running(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -85,14 +72,14 @@ def running(
 @pytest.fixture(scope="module")
 def api(running: ServerProcess) -> Api:
     """Keys shared by the tests that only look at the items they create themselves."""
-    return Api(running, _key(running, "SHARED-A"), _key(running, "SHARED-B"))
+    return Api(running, api_key(running, "SHARED-A"), api_key(running, "SHARED-B"))
 
 
 @pytest.fixture
 def isolated_api(running: ServerProcess) -> Api:
     """Keys of two institutions of this test's own (for counting, and for revoking)."""
     tag = uuid.uuid4().hex[:8]
-    return Api(running, _key(running, f"A-{tag}"), _key(running, f"B-{tag}"))
+    return Api(running, api_key(running, f"A-{tag}"), api_key(running, f"B-{tag}"))
 
 
 def test_keys_are_required_and_scope_everything(isolated_api: Api) -> None:

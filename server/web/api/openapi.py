@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from server.web.api.auth import API_PREFIX
+from server.worklist import service as worklist
 
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
@@ -100,6 +101,7 @@ _IMAGE = {
         "created_at": {"type": ["string", "null"]},
     },
 }
+# The worklist schemas come from the rules the service enforces (server/worklist/service.py).
 _WORKLIST_ITEM = {
     "type": "object",
     "properties": {
@@ -108,57 +110,29 @@ _WORKLIST_ITEM = {
             if name in ("id", "created_at", "updated_at")
             else {"type": ["string", "null"]}
         )
-        for name in (
-            "id",
-            "accession_number",
-            "patient_id",
-            "surname",
-            "forename",
-            "title",
-            "sex",
-            "date_of_birth",
-            "modality",
-            "exam_date_and_time",
-            "study_instance_uid",
-            "status",
-            "exam_description",
-            "referring_physician",
-            "performing_physician",
-            "exam_room",
-            "hospital_name",
-            "scheduled_aet",
-            "procedure_id",
-            "procedure_step_id",
-            "created_at",
-            "updated_at",
-        )
+        for name in worklist.FIELDS
     },
 }
+_WORKLIST_ENUMS: dict[str, tuple[str, ...]] = {
+    "sex": worklist.SEXES,
+    "modality": worklist.MODALITIES,
+    "status": worklist.STATUSES,
+}
+
+
+def _writable(name: str) -> dict[str, Any]:
+    if name in _WORKLIST_ENUMS:
+        return {"enum": list(_WORKLIST_ENUMS[name])}
+    if name == "date_of_birth":
+        return {"type": "string", "format": "date"}
+    if name == "exam_date_and_time":
+        return {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$"}
+    return {"type": "string", "maxLength": worklist.MAX_LENGTH[name]}
+
+
 _WORKLIST_WRITE = {
     "type": "object",
-    "properties": {
-        "patient_id": {"type": "string", "maxLength": 64},
-        "surname": {"type": "string", "maxLength": 64},
-        "forename": {"type": "string", "maxLength": 64},
-        "title": {"type": "string", "maxLength": 16},
-        "sex": {"enum": ["M", "F", "O"]},
-        "date_of_birth": {"type": "string", "format": "date"},
-        "modality": {"enum": ["CR", "CT", "MR", "US", "XA", "RF", "DX", "MG", "NM", "PT"]},
-        "exam_date_and_time": {
-            "type": "string",
-            "pattern": r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$",
-        },
-        "exam_description": {"type": "string", "maxLength": 128},
-        "referring_physician": {"type": "string", "maxLength": 64},
-        "performing_physician": {"type": "string", "maxLength": 64},
-        "exam_room": {"type": "string", "maxLength": 32},
-        "hospital_name": {"type": "string", "maxLength": 128},
-        "scheduled_aet": {"type": "string", "maxLength": 16},
-        "procedure_id": {"type": "string", "maxLength": 16},
-        "procedure_step_id": {"type": "string", "maxLength": 16},
-        "study_instance_uid": {"type": "string", "maxLength": 64},
-        "status": {"enum": ["SCHEDULED", "IN_PROGRESS", "COMPLETED", "CANCELED"]},
-    },
+    "properties": {name: _writable(name) for name in sorted(worklist.WRITABLE)},
 }
 
 
