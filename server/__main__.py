@@ -75,8 +75,7 @@ def _banner(settings: Settings, dimse: socket.socket, http: socket.socket, extra
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.archive import close_archive, open_archive
-    from server.dimse import workers
+    from server.archive import open_archive
 
     settings = _settings(args)
     archive = open_archive(settings)  # recovery runs here, before any worker writes
@@ -84,6 +83,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if isinstance(sockets, int):
         return sockets
     dimse, http = sockets
+    from server.ai.launcher import start_workers
+
+    ai = start_workers(args.config, settings)
+    try:
+        return _serve(args, settings, archive, dimse, http)
+    finally:
+        if ai is not None:
+            ai.stop()
+
+
+def _serve(
+    args: argparse.Namespace,
+    settings: Settings,
+    archive: Any,
+    dimse: socket.socket,
+    http: socket.socket,
+) -> int:
+    from server.archive import close_archive
+    from server.dimse import workers
+
     count = workers.worker_count(settings)
     if count == 1:
         return _serve_in_process(archive, dimse, http)
@@ -444,6 +463,15 @@ def _files_for_uid(settings: Settings, uid: str) -> list[Path]:
     return []
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """An AI worker: claims analysis jobs from the catalog and runs them (imports torch)."""
+    from server.ai.worker import main as worker_main
+
+    if args.parent_pid:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches serve, which stops us
+    return worker_main(_settings(args), args.parent_pid)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server", description="DICOM archive server")
     parser.add_argument(
@@ -492,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--http-fd", type=int, required=True)
     worker.add_argument("--parent-pid", type=int, required=True)
     worker.set_defaults(func=cmd_dimse_worker)
+
+    ai_worker = sub.add_parser("worker", help="run an AI worker (serve starts [ai] workers)")
+    common(ai_worker)
+    ai_worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    ai_worker.set_defaults(func=cmd_worker)
 
     keys = sub.add_parser("apikey", help="worklist API keys: create, list, revoke")
     common(keys)

@@ -38,6 +38,20 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class AiRule:
+    """Which stable series the AI worker analyses (``ai_rules.toml``): every given field must
+    match; a series is analysed when any rule matches.  Text fields are regular expressions
+    searched case-insensitively in the series' value ("" = any value)."""
+
+    name: str
+    modality: str = "MR"  # exact Modality (0008,0060)
+    series_description: str = ""
+    body_part: str = ""
+    scanning_sequence: str = ""
+    min_instances: int = 8  # fewer slices than this is not a volume worth segmenting
+
+
+@dataclass(frozen=True)
 class Settings:
     ae_title: str = "IMAGING"
     dimse_port: int = 11112
@@ -64,6 +78,16 @@ class Settings:
     deleted_retention_days: int = 180  # deleted series stay recoverable this long
     case_insensitive_pn: bool = True
     unknown_aes_institution: str = ""  # worklist tenant of calling AEs not in peers.toml
+    ai_enabled: bool = True  # serve starts the AI worker(s); the trigger queues jobs
+    ai_workers: int = 1  # worker processes started by serve
+    ai_device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    ai_threads: int = 1  # CPU threads per worker for inference
+    ai_stable_age: float = 10.0  # seconds without a new instance before a series is complete
+    ai_model: Path = DEFAULT_CONFIG_DIR.parent / "models" / "prostate-phantom"
+    ai_max_attempts: int = 3  # a job failing this often stops with its last reason
+    ai_lease: float = 60.0  # seconds a claimed job stays with a worker that stopped reporting
+    ai_poll_interval: float = 1.0  # seconds between two looks for stable series and jobs
+    ai_rules: tuple[AiRule, ...] = field(default_factory=tuple)
     peers: tuple[Peer, ...] = field(default_factory=tuple)
     config_dir: Path = DEFAULT_CONFIG_DIR
 
@@ -112,6 +136,23 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("http", "public_url"): ("public_url", str),
     ("http", "auth_off_for_loopback"): ("auth_off_for_loopback", bool),
     ("http", "viewer_dir"): ("viewer_dir", Path),
+    ("ai", "enabled"): ("ai_enabled", bool),
+    ("ai", "workers"): ("ai_workers", int),
+    ("ai", "device"): ("ai_device", str),
+    ("ai", "threads"): ("ai_threads", int),
+    ("ai", "stable_age"): ("ai_stable_age", float),
+    ("ai", "model"): ("ai_model", Path),
+    ("ai", "max_attempts"): ("ai_max_attempts", int),
+    ("ai", "lease"): ("ai_lease", float),
+    ("ai", "poll_interval"): ("ai_poll_interval", float),
+}
+_RULE_KEYS: dict[str, type] = {
+    "name": str,
+    "modality": str,
+    "series_description": str,
+    "body_part": str,
+    "scanning_sequence": str,
+    "min_instances": int,
 }
 _PEER_KEYS: dict[str, type] = {
     "ae_title": str,
@@ -221,28 +262,40 @@ def _server_values(path: Path) -> dict[str, Any]:
     return values
 
 
-def _peers(path: Path) -> tuple[Peer, ...]:
+def _tables(path: Path, name: str) -> tuple[str, list[dict[str, Any]]]:
+    """The ``[[name]]`` tables of a file that holds nothing else, and the file's text."""
     data, text = _read_toml(path)
-    peers: list[Peer] = []
-    items = data.get("peer", [])
-    extra = set(data) - {"peer"}
+    extra = set(data) - {name}
     if extra:
-        name = sorted(extra)[0]
+        key = sorted(extra)[0]
         raise ConfigError(
-            f"unknown key {name!r}; peers are [[peer]] tables",
-            f"{path}:{_line_of(text, None, name)}",
+            f"unknown key {key!r}; entries are [[{name}]] tables",
+            f"{path}:{_line_of(text, None, key)}",
         )
+    items = data.get(name, [])
     if not isinstance(items, list):
-        raise ConfigError("'peer' must be written as [[peer]] tables", str(path))
+        raise ConfigError(f"'{name}' must be written as [[{name}]] tables", str(path))
+    return text, items
+
+
+def _table_values(
+    path: Path, text: str, name: str, n: int, item: dict[str, Any], keys: dict[str, type]
+) -> dict[str, Any]:
+    """The n-th ``[[name]]`` table's values, each checked against ``keys``."""
+    kwargs: dict[str, Any] = {}
+    for key, value in item.items():
+        where = f"{path}:{_line_of(text, name, key, n)}"
+        if key not in keys:
+            raise ConfigError(f"unknown {name} setting {key!r} (known: {', '.join(keys)})", where)
+        kwargs[key] = _coerce(value, keys[key], where)
+    return kwargs
+
+
+def _peers(path: Path) -> tuple[Peer, ...]:
+    text, items = _tables(path, "peer")
+    peers: list[Peer] = []
     for n, item in enumerate(items):
-        kwargs: dict[str, Any] = {}
-        for key, value in item.items():
-            where = f"{path}:{_line_of(text, 'peer', key, n)}"
-            if key not in _PEER_KEYS:
-                raise ConfigError(
-                    f"unknown peer setting {key!r} (known: {', '.join(_PEER_KEYS)})", where
-                )
-            kwargs[key] = _coerce(value, _PEER_KEYS[key], where)
+        kwargs = _table_values(path, text, "peer", n, item, _PEER_KEYS)
         missing = [k for k in ("ae_title", "host", "port") if k not in kwargs]
         if missing:
             raise ConfigError(
@@ -256,6 +309,37 @@ def _peers(path: Path) -> tuple[Peer, ...]:
             raise ConfigError(f"peer {kwargs['ae_title']!r} is listed twice", where)
         peers.append(Peer(**kwargs))
     return tuple(peers)
+
+
+# Used when the configuration directory has no ai_rules.toml (the shipped file says the same).
+DEFAULT_AI_RULES = (
+    AiRule("T2-weighted by description", series_description="t2"),
+    AiRule(
+        "prostate spin echo",
+        body_part="prostat",
+        scanning_sequence="SE",
+        series_description="^(?!.*(dwi|adc|diff|dce|perf)).*$",
+    ),
+)
+
+
+def _ai_rules(path: Path) -> tuple[AiRule, ...]:
+    if not path.exists():
+        return DEFAULT_AI_RULES
+    text, items = _tables(path, "rule")
+    rules: list[AiRule] = []
+    for n, item in enumerate(items):
+        kwargs = _table_values(path, text, "rule", n, item, _RULE_KEYS)
+        for key in ("series_description", "body_part", "scanning_sequence"):
+            try:
+                re.compile(kwargs.get(key, ""))
+            except re.error as exc:
+                where = f"{path}:{_line_of(text, 'rule', key, n)}"
+                message = f"{key} is not a valid regular expression: {exc}"
+                raise ConfigError(message, where) from None
+        kwargs.setdefault("name", f"rule {n + 1}")
+        rules.append(AiRule(**kwargs))
+    return tuple(rules)
 
 
 def _check_ae_title(title: str, where: str | None) -> None:
@@ -314,7 +398,17 @@ def load_settings(
         raise ConfigError("workers must be 0 (one per core) or more", where_of["dimse_workers"])
     if plain.get("max_pdu", 0) < 0:
         raise ConfigError("max_pdu must be 0 (unlimited) or a positive size", where_of["max_pdu"])
-    for path_field in ("data_dir", "viewer_dir"):
+    if plain.get("ai_device", "auto") not in ("auto", "cpu", "cuda"):
+        raise ConfigError("ai.device must be auto, cpu or cuda", where_of["ai_device"])
+    for positive in ("ai_threads", "ai_max_attempts"):
+        if plain.get(positive, 1) < 1:
+            raise ConfigError(f"{positive[3:]} must be at least 1", where_of[positive])
+    for seconds in ("ai_stable_age", "ai_lease", "ai_poll_interval"):
+        if plain.get(seconds, 1.0) <= 0:
+            raise ConfigError(f"{seconds[3:]} must be more than 0 seconds", where_of[seconds])
+    if plain.get("ai_workers", 1) < 0:
+        raise ConfigError("ai.workers must be 0 or more", where_of["ai_workers"])
+    for path_field in ("data_dir", "viewer_dir", "ai_model"):
         path = plain.get(path_field)
         if (
             path is not None
@@ -324,4 +418,7 @@ def load_settings(
             # A relative path in the file is relative to the project root, next to ae_config/.
             plain[path_field] = directory.resolve().parent / path
     peers = _peers(directory / "peers.toml")
-    return dataclasses.replace(Settings(), **plain, peers=peers, config_dir=directory)
+    rules = _ai_rules(directory / "ai_rules.toml")
+    return dataclasses.replace(
+        Settings(), **plain, peers=peers, ai_rules=rules, config_dir=directory
+    )

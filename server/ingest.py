@@ -77,6 +77,44 @@ def extract_columns(metadata: dict[str, Any], level: Level) -> dict[str, Any]:
     return values
 
 
+# Objects that are about images rather than images: their referenced series are not sources.
+_NON_IMAGE_CLASSES_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.")
+_SEGMENTATION_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _items(metadata: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    value = (metadata.get(tag) or {}).get("Value") or []
+    return [item for item in value if isinstance(item, dict)]
+
+
+def source_series(metadata: dict[str, Any]) -> str | None:
+    """The image series a derived object (SEG, SR, ...) was made from, if it says so.
+
+    A SEG names it in the Common Instance Reference module's Referenced Series Sequence
+    (PS3.3 C.12.2); an SR in its evidence (Current Requested Procedure Evidence Sequence,
+    PS3.3 C.17.2.3), which may also list the SEG it measured, so the first series whose
+    instances are images wins.
+    """
+    candidates = _items(metadata, "00081115")
+    for evidence in _items(metadata, "0040A375"):
+        candidates.extend(_items(evidence, "00081115"))
+    for series in candidates:
+        uid = dicom_json.text_values(series.get("0020000E"))
+        classes = [
+            c
+            for item in _items(series, "00081199")
+            for c in dicom_json.text_values(item.get("00081150"))
+        ]
+        if not uid or not uid[0]:
+            continue
+        if classes and all(
+            c == _SEGMENTATION_CLASS or c.startswith(_NON_IMAGE_CLASSES_PREFIXES) for c in classes
+        ):
+            continue
+        return uid[0].strip(" \0")
+    return None
+
+
 def _parse(data: bytes) -> tuple[Dataset, bytes]:
     """Header-only parse; returns the dataset and the bytes to store (Part 10 encoded)."""
     if len(data) >= 132 and data[128:132] == b"DICM":
@@ -195,7 +233,10 @@ class Ingestor:
             record = writer.InstanceRecord(
                 patient=extract_columns(header, Level.PATIENT),
                 study={**extract_columns(header, Level.STUDY), "institution": institution or None},
-                series=extract_columns(header, Level.SERIES),
+                series={
+                    **extract_columns(header, Level.SERIES),
+                    "source_series": source_series(header),
+                },
                 instance={
                     **extract_columns(header, Level.IMAGE),
                     "storage_key": key,

@@ -154,6 +154,8 @@ def gather(study_uid: str, institution: str | None) -> tuple[dict[str, Any], lis
         if row.region_type == "prostate":
             gland = row
             continue
+        if row.region_type in ("peripheral_zone", "transition_zone"):
+            continue  # anatomy (from the AI analysis), not a finding
         size = None
         if row.bounding_box:
             box = orjson.loads(row.bounding_box)
@@ -208,7 +210,9 @@ def _mask_slices(storage: Storage, row: Any) -> tuple[list[str], np.ndarray[Any,
         raise ReportError(409, "SEGMENTATION_MISSING", f"the SEG of {row.id} is not stored")
     seg = hd.seg.segread(storage.path_of(item.file_path))
     pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, segment_numbers=[1], assert_missing_frames_are_empty=True
+        source_sop_instance_uids=uids,
+        segment_numbers=[row.segment_number or 1],
+        assert_missing_frames_are_empty=True,
     )
     return uids, pixels[..., 0] != 0
 
@@ -305,7 +309,7 @@ def html_page(content: dict[str, Any], images: list[bytes], signer: str, signed_
     )
 
 
-def _pirads_code(score: int) -> Code:
+def pirads_code(score: int) -> Code:
     return Code(f"PIRADS-{score}", LOCAL_SCHEME, f"PI-RADS {score}")
 
 
@@ -326,7 +330,7 @@ def structured_report(
             qualitative.append(
                 hd.sr.QualitativeEvaluation(
                     name=Code("PIRADS", LOCAL_SCHEME, "PI-RADS v2.1 assessment category"),
-                    value=_pirads_code(int(row.pi_rads_score)),
+                    value=pirads_code(int(row.pi_rads_score)),
                 )
             )
         groups.append(
@@ -335,7 +339,7 @@ def structured_report(
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=str(seg_ds.SOPClassUID),
                     sop_instance_uid=str(seg_ds.SOPInstanceUID),
-                    segment_number=1,
+                    segment_number=row.segment_number or 1,
                     source_series=hd.sr.SourceSeriesForSegmentation(row.image_uid),
                 ),
                 finding_type=codes.SCT.Lesion,

@@ -35,7 +35,7 @@ MAX_MASK_BYTES = 512 << 20
 CREATION_METHODS = ("manual", "semi_automatic", "ai_automatic")
 # Segmented Property Category / Type per region (SNOMED CT, PS3.16 CID 7150/7151).
 _ANATOMY = codes.SCT.AnatomicalStructure
-_PROPERTIES: dict[str, tuple[Code, Code]] = {
+SEGMENT_PROPERTIES: dict[str, tuple[Code, Code]] = {
     "prostate": (_ANATOMY, codes.SCT.Prostate),
     "peripheral_zone": (_ANATOMY, codes.SCT.PeripheralZoneOfTheProstate),
     "transition_zone": (_ANATOMY, Code("399384005", "SCT", "Transition zone of the prostate")),
@@ -207,8 +207,8 @@ def create(ingestor: Ingestor, body: Any, user: str, institution: str | None) ->
     if not isinstance(image_uid, str) or not image_uid:
         bad["image_uid"] = "is required"
     region = body.get("region_type", "")
-    if not isinstance(region, str) or region not in _PROPERTIES:
-        bad["region_type"] = f"must be one of {', '.join(_PROPERTIES)}"
+    if not isinstance(region, str) or region not in SEGMENT_PROPERTIES:
+        bad["region_type"] = f"must be one of {', '.join(SEGMENT_PROPERTIES)}"
     method = body.get("creation_method", "manual")
     if not isinstance(method, str) or method not in CREATION_METHODS:
         bad["creation_method"] = f"must be one of {', '.join(CREATION_METHODS)}"
@@ -239,7 +239,7 @@ def create(ingestor: Ingestor, body: Any, user: str, institution: str | None) ->
     measured = MedicalSegmentation(
         "", str(image_uid), AnatomicalRegion(region), mask, str(method), spacing=geometry.spacing
     )
-    category, kind = _PROPERTIES[str(region)]
+    category, kind = SEGMENT_PROPERTIES[str(region)]
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=str(region),

@@ -209,6 +209,9 @@ class OurServer:
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # Extra environment (IMAGING_* settings). The AI loop is off unless asked for here: its
+    # worker process (torch) would cost every test and benchmark a core for nothing.
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -240,7 +243,7 @@ class OurServer:
             cwd=ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "IMAGING_AI_ENABLED": "false", **self.env},
         )
         log_file.close()  # the child holds its own descriptor
         wait_until(

@@ -18,6 +18,7 @@ from peewee import (
     BigIntegerField,
     CompositeKey,
     DateTimeField,
+    DoubleField,
     FloatField,
     ForeignKeyField,
     IntegerField,
@@ -28,12 +29,15 @@ from peewee import (
 from server.catalog.db import database, is_postgres
 from server.dicom.attributes import INTEGER_VRS, Attribute, Level, at_level
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added after version 1: (table, column, SQL type, indexed). create_schema adds them to
 # an older catalog in place (both SQLite and PostgreSQL allow ADD COLUMN of a nullable column).
 _ADDED_COLUMNS = (
     ("study", "institution", "TEXT", True),
     ("series", "last_accessed", "TIMESTAMP", False),
+    ("series", "source_series", "TEXT", True),
+    ("segmentation", "segment_number", "INTEGER", False),
+    ("segmentation", "analysis_id", "TEXT", True),
 )
 
 
@@ -109,6 +113,9 @@ Series: Any = type(
         "study": ForeignKeyField(Study, backref="series", on_delete="CASCADE"),
         **_columns(Level.SERIES, indexed=True),
         "last_accessed": DateTimeField(null=True),  # last read through the JSON API
+        # The series this one was derived from (a SEG's or SR's referenced image series,
+        # PS3.3 C.7.4.1 / C.17.2), so a source series finds its results in one indexed query.
+        "source_series": TextField(null=True, index=True),
         "created_at": DateTimeField(default=_now),
         "updated_at": DateTimeField(default=_now, index=True),
     },
@@ -338,6 +345,8 @@ class Segmentation(BaseModel):
     validated = IntegerField(default=0)
     validated_by = TextField(null=True)
     validation_date = IntegerField(null=True)
+    segment_number = IntegerField(null=True)  # in the SEG instance; NULL = 1 (one per SEG)
+    analysis_id = TextField(null=True, index=True)  # the AI job that produced it
 
 
 AUTH_TABLES: list[Any] = [
@@ -418,3 +427,49 @@ class EventLog(BaseModel):
 
 
 TABLES.append(EventLog)
+
+
+class AnalysisJob(BaseModel):
+    """One AI analysis of a series (server/ai/jobs.py): queued by the stability trigger or the
+    API, claimed by one worker at a time, retried when its worker dies."""
+
+    # Times are epoch seconds in DOUBLE PRECISION: PostgreSQL's REAL (Peewee's FloatField)
+    # keeps 24 bits, a resolution of minutes at today's epoch.
+    id = TextField(primary_key=True)  # analysis_<hex>
+    series_uid = TextField(index=True)
+    study_uid = TextField()
+    institution = TextField(null=True, index=True)
+    # What was analysed: "<instances>@<last update>" for the trigger, so each version of a
+    # series is queued once (also across restarts and nodes); "api:<id>" for requests.
+    series_version = TextField()
+    analysis_type = TextField(default="prostate_comprehensive")
+    trigger = TextField()  # "stable_series" or "api"
+    requested_by = TextField(default="")
+    config = TextField(default="{}")  # JSON: the request's config
+    status = TextField(index=True)  # queued, processing, completed, failed
+    stage = TextField(default="")
+    progress = DoubleField(default=0.0)  # 0..1
+    attempts = IntegerField(default=0)
+    max_attempts = IntegerField(default=3)
+    worker = TextField(null=True)  # host:pid:nonce of the claiming worker
+    lease_until = DoubleField(null=True)  # epoch seconds; after it, another worker may take it
+    created_at = DoubleField(index=True)  # epoch seconds
+    started_at = DoubleField(null=True)
+    finished_at = DoubleField(null=True)
+    inference_seconds = DoubleField(null=True)
+    device = TextField(null=True)
+    error = TextField(null=True)
+    result = TextField(null=True)  # JSON: the API's "results"
+
+    class Meta:
+        indexes = ((("series_uid", "series_version"), True),)
+
+
+class AiState(BaseModel):
+    """Small shared values of the AI loop, e.g. how far the stability trigger has looked."""
+
+    key = TextField(primary_key=True)
+    value = TextField()
+
+
+TABLES.extend([AnalysisJob, AiState])

@@ -208,6 +208,8 @@ def _where(query: Query, in_sql: list[tuple[Constraint, Attribute]]) -> list[Any
     conds = []
     if query.institution is not None:
         conds.append(_tenant_sql(query))
+    if query.derived_from is not None and query.level >= Level.SERIES:
+        conds.append(Series.source_series == query.derived_from)
     for c, attr in in_sql:
         if c.universal:
             continue

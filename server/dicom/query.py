@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from server.dicom.attributes import BY_TAG, Level
+from server.dicom.uids import is_valid_uid
 from server.errors import QueryError
 
 # PS3.4 C.2.2.2.4: wildcards only for these VRs (not DA/TM/DT/UI/numbers/AS).
@@ -80,6 +81,9 @@ class Query:
     limit: int | None = None
     offset: int = 0
     institution: str | None = None  # confine results to this tenant's studies (None: all)
+    # Only series (and their instances) derived from this series: the SEGs and SRs made from
+    # it (the catalog's series.source_series, filled at ingest).
+    derived_from: str | None = None
 
     @property
     def matching(self) -> tuple[Constraint, ...]:
@@ -224,6 +228,11 @@ class QidoRequest:
     fuzzy_requested: bool
 
 
+# QIDO-RS sequence matching (PS3.18 8.3.4.1 attribute paths) supported for one path: series
+# whose Referenced Series Sequence names a series, i.e. the objects derived from it.
+DERIVED_FROM_KEYS = ("ReferencedSeriesSequence.SeriesInstanceUID", "00081115.0020000E")
+
+
 def parse_qido(
     level: Level,
     params: Sequence[tuple[str, str]],
@@ -246,6 +255,7 @@ def parse_qido(
     fuzzy = False
     limit: int | None = None
     offset = 0
+    derived_from: str | None = None
     for name, value in params:
         if name == "includefield":
             for item in value.split(","):
@@ -268,9 +278,18 @@ def parse_qido(
             fuzzy = value.lower() == "true"
         elif name.startswith("_") or name in ("accept", "charset"):
             continue  # the accept/charset query parameters (PS3.18 8.3.3.1) are not matching
+        elif name in DERIVED_FROM_KEYS:
+            if level < Level.SERIES:
+                raise QueryError(f"{name} matches series and instances, not {level.name.lower()}")
+            if not is_valid_uid(value):
+                raise QueryError(f"{name} must be one Series Instance UID")
+            derived_from = value
         else:
             if "." in name:
-                raise QueryError(f"sequence matching ({name}) is not supported in QIDO-RS")
+                raise QueryError(
+                    f"sequence matching ({name}) is not supported in QIDO-RS except "
+                    f"{DERIVED_FROM_KEYS[0]}"
+                )
             tag = attribute_tag(name)
             values.setdefault(tag, []).append(value)
     for tag, uid in scope:
@@ -298,6 +317,7 @@ def parse_qido(
         case_insensitive_pn=case_insensitive_pn,
         limit=limit,
         offset=offset,
+        derived_from=derived_from,
     )
     return QidoRequest(query, include_all, fuzzy)
 

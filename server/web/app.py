@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from server.archive import Archive
 from server.dicom.pixels import PixelError
 from server.errors import QueryError
+from server.web.api.ai import ai_routes
 from server.web.api.audit import audit_routes
 from server.web.api.auth import auth_routes
 from server.web.api.deidentify import deidentify_routes
@@ -86,6 +87,7 @@ def build_app(archive: Archive) -> Starlette:
         *deidentify_routes(archive),
         *segmentation_routes(archive),
         *report_routes(archive),
+        *ai_routes(archive),
         *openapi_routes(),
         *websocket_routes(archive),
     ]

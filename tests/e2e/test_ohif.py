@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -185,3 +186,47 @@ def test_probe_fails_when_no_pixels_arrive(served: Served, tmp_path: Path) -> No
     result = _result(out)
     assert proc.returncode == 1, _report(served, out, proc)
     assert result["rendered"] is False and result["pixelOk"] is False, result
+
+
+SEG_PROBE = ROOT / "tools" / "browser" / "ohif-seg-probe.mjs"
+
+
+def test_ohif_draws_the_ai_segmentation_over_its_series(tmp_path: Path) -> None:
+    """The AI loop's SEG (tests/integration/test_ai_loop.py) opens in OHIF over the MR series
+    it was made from: coloured segment pixels appear in a viewport that had none."""
+    _require_browser_tools()
+    from pydicom import dcmread
+
+    from tests.dcmtk import storescu
+    from tools.phantom import make_phantom, write_series
+
+    toml = '[ae]\ntitle = "IMAGING"\n[ai]\nstable_age = 1\npoll_interval = 0.2\n'
+    server = ServerProcess(
+        tmp_path / "data",
+        write_config(tmp_path / "config", server=toml),
+        env={"IMAGING_AI_ENABLED": "true"},
+    ).start()
+    try:
+        files = write_series(make_phantom(515151, n_lesions=1), tmp_path / "mr")
+        storescu(server.port, files)
+        header = dcmread(files[0], stop_before_pixels=True)
+        url = (
+            f"{server.dicomweb}/series?ReferencedSeriesSequence.SeriesInstanceUID="
+            f"{header.SeriesInstanceUID}"
+        )
+        deadline = time.monotonic() + 120
+        while "SEG" not in (_get(url) or "") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "SEG" in (_get(url) or ""), _server_log(server)
+        out = tmp_path / "seg-probe"
+        cmd = ["node", str(SEG_PROBE), "--viewer", f"{server.base_url}/viewer"]
+        cmd += ["--study", str(header.StudyInstanceUID), "--out", str(out), "--timeout", "60"]
+        cmd += ["--chromium", str(CHROMIUM)]
+        proc = subprocess.run(
+            cmd, cwd=SEG_PROBE.parent, capture_output=True, text=True, errors="replace", timeout=150
+        )
+        result = _result(out)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:] + _server_log(server)
+        assert result["before"] == 0 and result["after"] > 500 and result["segParsed"], result
+    finally:
+        server.stop()

@@ -17,6 +17,9 @@ def test_old_catalog_gains_the_new_columns(tmp_path: Path) -> None:
         database.execute_sql('DROP INDEX IF EXISTS "study_institution"')
         database.execute_sql('ALTER TABLE "study" DROP COLUMN "institution"')
         database.execute_sql('ALTER TABLE "series" DROP COLUMN "last_accessed"')
+        database.execute_sql('DROP INDEX IF EXISTS "series_source_series"')
+        database.execute_sql('ALTER TABLE "series" DROP COLUMN "source_series"')
+        database.execute_sql('DROP TABLE "analysis_job"')
         SchemaInfo.update(version=1).execute()
     close_archive()
     open_archive(settings)
@@ -25,6 +28,8 @@ def test_old_catalog_gains_the_new_columns(tmp_path: Path) -> None:
             study = {c.name for c in database.get_columns("study")}
             series = {c.name for c in database.get_columns("series")}
             assert "institution" in study and "last_accessed" in series
-            assert SchemaInfo.select().first().version == SCHEMA_VERSION == 2
+            assert "source_series" in series
+            assert "analysis_job" in database.get_tables()
+            assert SchemaInfo.select().first().version == SCHEMA_VERSION == 3
     finally:
         close_archive()

@@ -17,7 +17,6 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
@@ -27,7 +26,7 @@ from server.archive import Archive
 from server.auth import ratelimit, tokens, users
 from server.auth.roles import ROLES
 from server.auth.tokens import Claims, TokenError
-from server.web.api.envelope import ApiError, ok
+from server.web.api.envelope import ApiError, json_body, ok
 
 API_PREFIX = "/api/v1"
 _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
@@ -99,11 +98,9 @@ def authorize(connection: HTTPConnection, archive: Archive, permission: str | No
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        raise ApiError(422, "VALIDATION_ERROR", "the body is not valid JSON") from None
+    body = await json_body(request)
+    if body is None:
+        return {}
     if not isinstance(body, dict):
         raise ApiError(422, "VALIDATION_ERROR", "the body must be a JSON object")
     return body

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,7 +17,7 @@ from server.catalog.db import session
 from server.catalog.search import stored_instances
 from server.deid import copy_study
 from server.web.api.auth import API_PREFIX, authorize, tenant_of
-from server.web.api.envelope import ApiError, ok
+from server.web.api.envelope import ApiError, json_body, ok
 
 
 def _pseudonym(body: Any) -> tuple[str, str]:
@@ -69,11 +68,6 @@ def deidentify_routes(archive: Archive) -> list[BaseRoute]:
         )
 
     async def endpoint(request: Request) -> Response:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            raise ApiError(422, "VALIDATION_ERROR", "the body is not valid JSON") from None
-        return await run_in_threadpool(run, request, body)
+        return await run_in_threadpool(run, request, await json_body(request))
 
     return [Route(f"{API_PREFIX}/studies/{{study_uid}}/deidentify", endpoint, methods=["POST"])]

@@ -61,6 +61,15 @@ def ok(data: Any, message: str = "Operation completed successfully", status: int
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
+async def json_body(request: Request) -> Any:
+    """The request's JSON body (None when empty); 422 ``VALIDATION_ERROR`` when it is not JSON."""
+    raw = await request.body()
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        raise ApiError(422, "VALIDATION_ERROR", "the body is not valid JSON") from None
+
+
 def failure(error: ApiError) -> Response:
     body = {
         "success": False,

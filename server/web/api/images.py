@@ -332,6 +332,23 @@ class ImagesApi:
             previous = Series.get_by_id(series_id).last_accessed
             facts = self._facts([series_id]).get(series_id, Facts())
             image = self._image(match, facts, self._root(request), True)
+            image["derived_objects"] = [
+                {
+                    "series_uid": row[0],
+                    "modality": row[1],
+                    "series_description": row[2],
+                    "instances": row[3],
+                }
+                for row in Series.select(
+                    Series.series_instance_uid,
+                    Series.modality,
+                    Series.series_description,
+                    Series.number_of_series_related_instances,
+                )
+                .where(Series.source_series == series_uid)
+                .order_by(Series.id)
+                .tuples()
+            ]
             now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
             with write_transaction():
                 Series.update(last_accessed=now).where(Series.id == series_id).execute()

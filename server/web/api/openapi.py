@@ -386,6 +386,86 @@ def document() -> dict[str, Any]:
                     "responses": _responses("200", {"type": "object"}, 401, 403, 404, 422),
                 },
             },
+            f"{API_PREFIX}/ai/analyze": {
+                "get": {
+                    "summary": "The analyses of a series, oldest first (automatic and requested)",
+                    "security": bearer,
+                    "parameters": [_param("series_uid", required=True)],
+                    "responses": _responses("200", {"type": "object"}, 401, 403, 422),
+                },
+                "post": {
+                    "summary": "Queue an AI analysis of a series (SEG + SR stored in the archive)",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["series_uid"],
+                                    "properties": {
+                                        "series_uid": _STR,
+                                        "analysis_type": {"const": "prostate_comprehensive"},
+                                        "config": {
+                                            "type": "object",
+                                            "properties": {
+                                                "confidence_threshold": {
+                                                    "type": "number",
+                                                    "minimum": 0,
+                                                    "maximum": 1,
+                                                },
+                                                "target_regions": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "enum": ["prostate", "zones", "lesions"]
+                                                    },
+                                                },
+                                                "include_pi_rads": {"type": "boolean"},
+                                                "generate_report": {"type": "boolean"},
+                                                "psa_ng_ml": {"type": "number", "minimum": 0},
+                                            },
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": _responses(
+                        "202",
+                        {
+                            "type": "object",
+                            "required": ["analysis_id", "status", "progress_url"],
+                            "properties": {
+                                "analysis_id": _STR,
+                                "status": _STR,
+                                "estimated_completion": _STR,
+                                "progress_url": _STR,
+                            },
+                        },
+                        401,
+                        403,
+                        404,
+                        422,
+                        503,
+                    ),
+                },
+            },
+            f"{API_PREFIX}/ai/analyze/{{analysis_id}}": {
+                "get": {
+                    "summary": "An analysis: status, and when completed its results",
+                    "security": bearer,
+                    "parameters": [_param("analysis_id", "path")],
+                    "responses": _responses("200", {"type": "object"}, 401, 403, 404),
+                }
+            },
+            f"{API_PREFIX}/ai/analyze/{{analysis_id}}/progress": {
+                "get": {
+                    "summary": "An analysis' stage and progress (also on the WebSocket)",
+                    "security": bearer,
+                    "parameters": [_param("analysis_id", "path")],
+                    "responses": _responses("200", {"type": "object"}, 401, 403, 404),
+                }
+            },
             f"{API_PREFIX}/reports/generate": {
                 "post": {
                     "summary": "Generate a signed PI-RADS report (PDF, HTML, JSON, DICOM SR)",

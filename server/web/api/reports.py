@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,7 +15,7 @@ from server import reports
 from server.archive import Archive
 from server.auth.roles import GENERATE_REPORTS, READ_IMAGES
 from server.web.api.auth import API_PREFIX, authorize, tenant_of
-from server.web.api.envelope import ApiError, ok
+from server.web.api.envelope import ApiError, json_body, ok
 
 _MEDIA = {
     "pdf": "application/pdf",
@@ -114,12 +113,7 @@ def report_routes(archive: Archive) -> list[BaseRoute]:
         return Response(data, media_type=_MEDIA[extension])
 
     async def generate_endpoint(request: Request) -> Response:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            raise ApiError(422, "VALIDATION_ERROR", "the body is not valid JSON") from None
-        return await run_in_threadpool(generate, request, body)
+        return await run_in_threadpool(generate, request, await json_body(request))
 
     async def fetch_endpoint(request: Request) -> Response:
         return await run_in_threadpool(fetch, request)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,7 +16,7 @@ from server import segmentations
 from server.archive import Archive
 from server.auth.roles import CREATE_SEGMENTATIONS, READ_IMAGES
 from server.web.api.auth import API_PREFIX, authorize, tenant_of
-from server.web.api.envelope import ApiError, ok
+from server.web.api.envelope import ApiError, json_body, ok
 
 
 def _guard(fn: Callable[[], Response]) -> Response:
@@ -73,21 +72,14 @@ def segmentation_routes(archive: Archive) -> list[BaseRoute]:
 
         return _guard(run)
 
-    async def body_of(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            raise ApiError(422, "VALIDATION_ERROR", "the body is not valid JSON") from None
-
     async def collection(request: Request) -> Response:
         if request.method == "POST":
-            return await run_in_threadpool(create, request, await body_of(request))
+            return await run_in_threadpool(create, request, await json_body(request))
         return await run_in_threadpool(listing, request)
 
     async def member(request: Request) -> Response:
         if request.method == "PUT":
-            return await run_in_threadpool(update, request, await body_of(request))
+            return await run_in_threadpool(update, request, await json_body(request))
         return await run_in_threadpool(detail, request)
 
     return [

@@ -173,14 +173,7 @@ def _check_levels(qido: QidoRequest) -> QidoRequest:
                 continue  # an includefield of a lower level: nothing to return
         constraints.append(c)
     return QidoRequest(
-        Query(
-            query.level,
-            query.model,
-            tuple(constraints),
-            query.case_insensitive_pn,
-            query.limit,
-            query.offset,
-        ),
+        replace(query, constraints=tuple(constraints)),
         qido.include_all,
         qido.fuzzy_requested,
     )

@@ -1,0 +1,290 @@
+"""The AI loop end to end, with the shipped model: a phantom prostate MR series sent with
+storescu becomes stable, a worker analyses it, and its SEG and SR come back through QIDO, C-FIND
+and the JSON API, valid (dciodvfy) and measuring what the phantom holds.  Also: a worker killed
+mid-job (the job completes once on restart), a series the rules don't select (no job), and the
+on-demand API with its report and WebSocket progress."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import httpx
+import numpy as np
+import orjson
+import pytest
+from pydicom import dcmread
+from websockets.sync.client import connect
+
+from tests.dcmtk import findscu, storescu
+from tests.helpers import ROOT, ServerProcess, have, write_config
+from tools.generate import StudySpec, ct_series, write
+from tools.phantom import Phantom, make_phantom, write_series
+
+pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
+AI_TOML = '[ae]\ntitle = "IMAGING"\n[ai]\nstable_age = 1\npoll_interval = 0.2\nlease = 20\n'
+SEED = 424242  # far from the training seeds (tools/train_prostate.py)
+
+
+def _wait(check: Callable[[], Any], what: str, timeout: float = 180.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def phantom() -> Phantom:
+    return make_phantom(SEED, n_lesions=1)
+
+
+@pytest.fixture
+def series_files(phantom: Phantom, tmp_path: Path) -> list[Path]:
+    return write_series(phantom, tmp_path / "mr", patient_id="AI-PAT-1", shuffle=True)
+
+
+def _start(tmp: Path, database_url: str = "", **env: str) -> ServerProcess:
+    if not have("storescu"):
+        pytest.skip("DCMTK is not installed (tools/test installs it when run as root)")
+    config = write_config(tmp / "config", server=AI_TOML)
+    server = ServerProcess(
+        tmp / "data", config, database_url, env={"IMAGING_AI_ENABLED": "true", **env}
+    )
+    return server.start()
+
+
+@pytest.fixture
+def server(tmp_path: Path, database_url: str) -> Iterator[ServerProcess]:
+    proc = _start(tmp_path, database_url)
+    yield proc
+    proc.stop()
+
+
+def _derived(http: httpx.Client, series_uid: str) -> list[dict[str, Any]]:
+    response = http.get(
+        "/dicom-web/series",
+        params={"ReferencedSeriesSequence.SeriesInstanceUID": series_uid},
+    )
+    assert response.status_code in (200, 204), response.text
+    return response.json() if response.status_code == 200 else []
+
+
+def _analyses(http: httpx.Client, series_uid: str) -> list[dict[str, Any]]:
+    response = http.get("/api/v1/ai/analyze", params={"series_uid": series_uid})
+    assert response.status_code == 200, response.text
+    result: list[dict[str, Any]] = response.json()["data"]["analyses"]
+    return result
+
+
+def _instance(http: httpx.Client, study: str, series: str) -> bytes:
+    listing = http.get(f"/dicom-web/studies/{study}/series/{series}/instances").json()
+    sop = listing[0]["00080018"]["Value"][0]
+    response = http.get(
+        f"/dicom-web/studies/{study}/series/{series}/instances/{sop}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    assert response.status_code == 200
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    part = response.content.split(b"--" + boundary.encode())[1]
+    body = part.split(b"\r\n\r\n", 1)[1]
+    return body[:-2] if body.endswith(b"\r\n") else body
+
+
+def _dciodvfy_errors(data: bytes, tmp: Path) -> list[str]:
+    path = tmp / "check.dcm"
+    path.write_bytes(data)
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+def test_stable_series_is_analysed_and_results_are_archived(
+    server: ServerProcess, series_files: list[Path], phantom: Phantom, tmp_path: Path
+) -> None:
+    header = dcmread(series_files[0], stop_before_pixels=True)
+    study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
+    ct_dir = tmp_path / "ct"
+    for ds in ct_series(StudySpec(patient_id="AI-CT-1"), 12, 64):
+        write(ds, ct_dir)
+    storescu(server.port, [*series_files, *sorted(ct_dir.iterdir())])
+    sent = time.monotonic()
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        derived = _wait(
+            lambda: len(_derived(http, series)) == 2 and _derived(http, series), "the SEG and SR"
+        )
+        latency = time.monotonic() - sent
+        modalities = sorted(d["00080060"]["Value"][0] for d in derived)
+        assert modalities == ["SEG", "SR"]
+        # C-FIND finds them like any other series.
+        found, _ = findscu(server.port, "SERIES", {"StudyInstanceUID": study, "Modality": "SEG"})
+        assert len(found) == 1
+        by_modality = {d["00080060"]["Value"][0]: d["0020000E"]["Value"][0] for d in derived}
+        seg_bytes = _instance(http, study, by_modality["SEG"])
+        sr_bytes = _instance(http, study, by_modality["SR"])
+        if shutil.which("dciodvfy"):
+            assert _dciodvfy_errors(seg_bytes, tmp_path) == []
+            assert _dciodvfy_errors(sr_bytes, tmp_path) == []
+        # The SEG over the source slices, in position order, matches the phantom.
+        seg = hd.seg.Segmentation.from_dataset(dcmread(io.BytesIO(seg_bytes)))
+        order = sorted(
+            (dcmread(p, stop_before_pixels=True) for p in series_files),
+            key=lambda d: float(d.ImagePositionPatient[2]),
+        )
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(d.SOPInstanceUID) for d in order],
+            segment_numbers=[1],
+            assert_missing_frames_are_empty=True,
+        )
+        assert _dice(pixels[..., 0] != 0, phantom.labels > 0) >= 0.9
+        # The job, found from the series; measurements within 10% of the phantom's truth.
+        jobs = _analyses(http, series)
+        assert len(jobs) == 1 and jobs[0]["status"] == "completed", jobs
+        job = jobs[0]
+        assert job["trigger"] == "stable_series" and job["attempts"] == 1
+        metrics = job["results"]["metrics"]
+        truth_ml = float((phantom.labels > 0).sum() * np.prod(phantom.spacing) / 1000)
+        assert metrics["prostate_volume_ml"] == pytest.approx(truth_ml, rel=0.1)
+        lesions = [s for s in job["results"]["segmentations"] if s["region_type"] == "lesion"]
+        assert len(lesions) >= 1
+        assert lesions[0]["anatomical_location"].startswith(phantom.lesions[0].zone)
+        # The image detail names its derived objects; the CT series got no job.
+        detail = http.get(f"/api/v1/images/{series}").json()["data"]
+        assert sorted(d["modality"] for d in detail["derived_objects"]) == ["SEG", "SR"]
+        ct_series_uid = dcmread(next(ct_dir.iterdir()), stop_before_pixels=True).SeriesInstanceUID
+        assert _analyses(http, str(ct_series_uid)) == []
+    print(
+        f"\nAI loop: last C-STORE -> SEG queryable {latency:.1f} s, "
+        f"inference {job['inference_seconds']:.2f} s on {job['device']}"
+    )
+
+
+def test_worker_killed_mid_job_completes_once_on_restart(
+    tmp_path: Path, series_files: list[Path]
+) -> None:
+    pause = tmp_path / "paused"
+    server = _start(tmp_path, IMAGING_AI_WORKERS="0")
+    env = {**os.environ, "IMAGING_AI_ENABLED": "true", "PYTHONUNBUFFERED": "1"}
+    argv = [
+        sys.executable,
+        "-m",
+        "server",
+        "--config",
+        str(server.config_dir),
+        "worker",
+        "--data-dir",
+        str(server.data_dir),
+    ]
+    try:
+        first = subprocess.Popen(argv, cwd=ROOT, env={**env, "IMAGING_AI_PAUSE_FILE": str(pause)})
+        storescu(server.port, series_files)
+        series = str(dcmread(series_files[0], stop_before_pixels=True).SeriesInstanceUID)
+        _wait(pause.exists, "the worker to reach its pause point")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = subprocess.Popen(argv, cwd=ROOT, env=env)
+        try:
+            with httpx.Client(base_url=server.base_url, timeout=60) as http:
+                job = _wait(
+                    lambda: (
+                        (j := _analyses(http, series)) and j[0]["status"] == "completed" and j[0]
+                    ),
+                    "the job to complete on the second worker",
+                )
+                assert job["attempts"] == 2
+                derived = _derived(http, series)
+                assert sorted(d["00080060"]["Value"][0] for d in derived) == ["SEG", "SR"]
+                assert all(d["00201209"]["Value"][0] == 1 for d in derived)  # one instance each
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)
+    finally:
+        server.stop()
+
+
+def test_on_demand_analysis_with_report_and_progress_events(
+    tmp_path: Path, series_files: list[Path]
+) -> None:
+    server = _start(tmp_path, IMAGING_AI_STABLE_AGE="3600")  # nothing automatic here
+    try:
+        _on_demand(server, series_files)
+    finally:
+        server.stop()
+
+
+def _on_demand(server: ServerProcess, series_files: list[Path]) -> None:
+    storescu(server.port, series_files)
+    series = str(dcmread(series_files[0], stop_before_pixels=True).SeriesInstanceUID)
+    ws_url = server.base_url.replace("http://", "ws://") + "/ws/v1"
+    with httpx.Client(base_url=server.base_url, timeout=60) as http, connect(ws_url) as ws:
+        ws.send(orjson.dumps({"action": "subscribe", "events": ["ai_analysis_progress"]}).decode())
+        assert orjson.loads(ws.recv(10))["event"] == "subscribed"
+        bad = http.post(
+            "/api/v1/ai/analyze", json={"series_uid": series, "config": {"confidence_threshold": 3}}
+        )
+        assert bad.status_code == 422
+        assert "config.confidence_threshold" in bad.json()["error"]["details"]["fields"]
+        missing = http.post("/api/v1/ai/analyze", json={"series_uid": "1.2.3.999"})
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "MEDICAL_IMAGE_NOT_FOUND"
+        assert http.get("/api/v1/ai/analyze/analysis_000000").status_code == 404
+        started = http.post(
+            "/api/v1/ai/analyze",
+            json={
+                "series_uid": series,
+                "analysis_type": "prostate_comprehensive",
+                "config": {
+                    "confidence_threshold": 0.5,
+                    "target_regions": ["prostate", "lesions"],
+                    "include_pi_rads": True,
+                    "generate_report": True,
+                    "psa_ng_ml": 6.4,
+                },
+            },
+        )
+        assert started.status_code == 202, started.text
+        data = started.json()["data"]
+        analysis = data["analysis_id"]
+        assert data["progress_url"] == f"/api/v1/ai/analyze/{analysis}/progress"
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            message = orjson.loads(ws.recv(180))
+            if message["data"].get("analysis_id") == analysis:
+                seen.append(message["data"])
+                if message["data"]["status"] in ("completed", "failed"):
+                    break
+        assert seen and seen[-1]["status"] == "completed", seen
+        steps = {m.get("current_step") for m in seen}
+        assert "Segmenting prostate gland, zones and lesions" in steps
+        progress = [m["progress"] for m in seen]
+        assert progress == sorted(progress) and progress[-1] == 100
+        result = http.get(f"/api/v1/ai/analyze/{analysis}").json()["data"]
+        assert result["status"] == "completed" and result["completed_at"]
+        regions = {s["region_type"] for s in result["results"]["segmentations"]}
+        assert regions == {"prostate", "lesion"}  # the requested regions only
+        for item in result["results"]["segmentations"]:
+            assert item["volume_ml"] > 0 and 0 <= item["confidence"] <= 1
+            assert len(item["bounding_box"]["min"]) == 3
+        metrics = result["results"]["metrics"]
+        assert metrics["prostate_psa_density"] == pytest.approx(
+            6.4 / metrics["prostate_volume_ml"], rel=0.01
+        )
+        report = result["results"]["report"]
+        assert report is not None
+        pdf = http.get(report["pdf_url"])
+        assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
