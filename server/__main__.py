@@ -108,7 +108,7 @@ def _serve(
         return _serve_in_process(archive, dimse, http)
     close_archive()  # the parent only supervises; it keeps its writers lock (archive.lock_fd)
     supervisor = workers.Supervisor(
-        workers.worker_argv(args.config, settings), [dimse, http], count
+        workers.worker_argv(args.config, settings), [dimse, http], count, settings.database_url
     )
     supervisor.start()
     _banner(settings, dimse, http, f" ({count} worker processes)")

@@ -26,6 +26,10 @@ MIN_LESION_ML = 0.02  # smaller components are noise at 3 x 0.5 x 0.5 mm voxels 
 BACKGROUND, PERIPHERAL, TRANSITION, LESION = 0, 1, 2, 3
 
 
+class NothingFound(Exception):
+    """The model found no gland in the series: a result to report, not a fault to retry."""
+
+
 @dataclass
 class Structure:
     """One segment of the output SEG with its measurements."""
@@ -117,14 +121,29 @@ def _measure(
 
 
 def _diameter_mm(mask: np.ndarray[Any, Any], spacing: tuple[float, float, float]) -> float:
-    """Largest extent of the component along the three axes, in mm."""
-    points = np.argwhere(mask)
-    extent = (points.max(0) - points.min(0) + 1) * np.array(spacing)
-    return float(extent.max())
+    """The largest in-plane diameter over the lesion's slices, in mm (PI-RADS v2.1 measures
+    lesions on axial images): the widest pair of boundary pixels of any slice, edge to edge."""
+    best = 0.0
+    pixel = np.array(spacing[1:])
+    for plane in mask:
+        if not plane.any():
+            continue
+        inner = plane.copy()
+        inner[1:, :] &= plane[:-1, :]
+        inner[:-1, :] &= plane[1:, :]
+        inner[:, 1:] &= plane[:, :-1]
+        inner[:, :-1] &= plane[:, 1:]
+        edge = np.argwhere(plane & ~inner) * pixel
+        if len(edge) > 1500:  # a very large component: a subsample bounds the pairwise cost
+            edge = edge[:: len(edge) // 1500 + 1]
+        gaps = np.sqrt(((edge[:, None, :] - edge[None, :, :]) ** 2).sum(-1))
+        best = max(best, float(gaps.max()) + float(pixel.max()))
+    return best
 
 
 def suggest_pi_rads(diameter_mm: float) -> int:
-    """Size-only suggestion (see the module docstring): >= 15 mm 5, >= 10 mm 4, >= 5 mm 3."""
+    """Size-only suggestion (see the module docstring) from the largest in-plane diameter:
+    >= 15 mm 5, >= 10 mm 4, >= 5 mm 3, else 2."""
     if diameter_mm >= 15:
         return 5
     if diameter_mm >= 10:
@@ -180,7 +199,7 @@ def findings(
     labels = np.argmax(probabilities, axis=0).astype(np.uint8)
     tissue = labels != BACKGROUND
     if not tissue.any():
-        raise ValueError("the model found no prostate in this series")
+        raise NothingFound("the model found no prostate in this series")
     parts, count = components(tissue)
     sizes = np.bincount(parts.ravel(), minlength=count + 1)
     sizes[0] = 0

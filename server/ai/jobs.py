@@ -19,11 +19,13 @@ carries them to WebSocket subscribers in every process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -47,9 +49,25 @@ STEPS = {  # stage -> the document's "current_step" text
 }
 
 
+def _pid_space() -> str:
+    """What makes a pid meaningful: this boot of this kernel and this pid namespace.
+    Containers may share a host name (``--network host``) but not these."""
+    parts = []
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append(secrets.token_hex(4))  # unknown: never treat another pid as ours
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+
+
+_PID_SPACE = _pid_space()
+
+
 def worker_id() -> str:
-    """This process's identity in ``AnalysisJob.worker``: host, pid and a nonce (pids repeat)."""
-    return f"{_HOST}:{os.getpid()}:{secrets.token_hex(3)}"
+    """This process's identity in ``AnalysisJob.worker``: host, pid, a nonce (pids repeat) and
+    the pid space the pid belongs to."""
+    return f"{_HOST}:{os.getpid()}:{secrets.token_hex(3)}:{_PID_SPACE}"
 
 
 def new_id() -> str:
@@ -146,15 +164,25 @@ def enqueue(
     return job_id
 
 
+def exists(series_uid: str, version: str) -> bool:
+    """Whether this version of the series has a job (a read: no write lock taken)."""
+    with session():
+        query = AnalysisJob.select(AnalysisJob.id).where(
+            (AnalysisJob.series_uid == series_uid) & (AnalysisJob.series_version == version)
+        )
+        return bool(query.exists())
+
+
 def _alive_here(worker: str | None) -> bool:
-    """False only when ``worker`` ran on this host and its process is gone."""
+    """False only when ``worker`` ran in this pid space (host, boot, namespace) and its process
+    is gone."""
     if not worker:
         return False
-    host, _, rest = worker.partition(":")
-    if host != _HOST:
-        return True  # another machine's worker: only its lease tells
+    parts = worker.split(":")
+    if len(parts) != 4 or parts[0] != _HOST or parts[3] != _PID_SPACE:
+        return True  # another machine's or container's worker: only its lease tells
     try:
-        pid = int(rest.split(":", 1)[0])
+        pid = int(parts[1])
         os.kill(pid, 0)
     except (ValueError, ProcessLookupError):
         return False
@@ -171,7 +199,7 @@ def _candidates(lock: bool) -> list[Any]:
         AnalysisJob.select()
         .where(AnalysisJob.status == QUEUED)
         .order_by(AnalysisJob.created_at)
-        .limit(10)
+        .limit(1)  # with SKIP LOCKED: lock one row, leave the rest to concurrent claimers
     )
     if lock:
         running = running.for_update("FOR UPDATE SKIP LOCKED")
@@ -203,6 +231,7 @@ def claim(worker: str, lease: float) -> Claimed | None:
                 AnalysisJob.update(
                     status=PROCESSING,
                     stage="claimed",
+                    progress=0.0,
                     worker=worker,
                     lease_until=now + lease,
                     attempts=AnalysisJob.attempts + 1,
@@ -302,22 +331,44 @@ def complete(
 def fail(job_id: str, worker: str, reason: str, *, retry: bool) -> None:
     """A failed attempt: back to the queue while attempts remain and ``retry`` (a transient
     error), else failed for good (a broken series fails the same way every time)."""
+    mine = (AnalysisJob.id == job_id) & (AnalysisJob.worker == worker)
+    mine &= AnalysisJob.status == PROCESSING
     with session(), write_transaction():
-        job = AnalysisJob.get_or_none(AnalysisJob.id == job_id)
-        if job is None or job.worker != worker or job.status != PROCESSING:
-            return
+        job = AnalysisJob.get_or_none(mine)
+        if job is None:
+            return  # no longer ours: whoever holds it now decides
         again = retry and job.attempts < job.max_attempts
-        AnalysisJob.update(
-            status=QUEUED if again else FAILED,
-            stage="queued" if again else "failed",
-            finished_at=None if again else time.time(),
-            lease_until=None,
-            worker=None if again else worker,
-            error=reason[:2000],
-        ).where(AnalysisJob.id == job_id).execute()
+        # The same condition again in the UPDATE: on PostgreSQL another worker may have taken
+        # the job between the read and the write.
+        changed = (
+            AnalysisJob.update(
+                status=QUEUED if again else FAILED,
+                stage="queued" if again else "failed",
+                finished_at=None if again else time.time(),
+                lease_until=None,
+                worker=None if again else worker,
+                error=reason[:2000],
+            )
+            .where(mine)
+            .execute()
+        )
     job = get(job_id)
-    if job is not None:
+    if changed and job is not None:
         _publish(job)
+
+
+def renew(job_id: str, worker: str, lease: float) -> bool:
+    """Extend the lease only (the heartbeat); False when the job is no longer this worker's."""
+    with session(), write_transaction():
+        return bool(
+            AnalysisJob.update(lease_until=time.time() + lease)
+            .where(
+                (AnalysisJob.id == job_id)
+                & (AnalysisJob.worker == worker)
+                & (AnalysisJob.status == PROCESSING)
+            )
+            .execute()
+        )
 
 
 def get(job_id: str) -> Any:

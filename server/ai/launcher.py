@@ -28,21 +28,29 @@ def worker_argv(config_dir: Path | None, settings: Settings) -> list[str]:
     if config_dir:
         argv += ["--config", str(config_dir)]
     argv += ["worker", "--data-dir", str(settings.data_dir), "--parent-pid", str(os.getpid())]
-    if settings.database_url:
-        argv += ["--database-url", settings.database_url]
     return argv
 
 
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The worker's environment: ours, plus the catalog URL, which may hold a password and so
+    does not go on a command line (any local user can read those in /proc)."""
+    env = dict(os.environ)
+    if settings.database_url:
+        env["IMAGING_DATABASE_URL"] = settings.database_url
+    return env
+
+
 class WorkerLauncher:
-    def __init__(self, argv: list[str], count: int) -> None:
+    def __init__(self, argv: list[str], count: int, env: dict[str, str] | None = None) -> None:
         self.argv = argv
+        self.env = env
         self.count = count
         self.procs: list[subprocess.Popen[bytes] | None] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ai-launcher", daemon=True)
 
     def start(self) -> None:
-        self.procs = [subprocess.Popen(self.argv) for _ in range(self.count)]
+        self.procs = [subprocess.Popen(self.argv, env=self.env) for _ in range(self.count)]
         self._thread.start()
 
     def _watch(self) -> None:
@@ -59,7 +67,7 @@ class WorkerLauncher:
                 if self._stop.wait(backoff[n]):
                     return
                 backoff[n] = min(backoff[n] * 2, 60.0)
-                self.procs[n] = subprocess.Popen(self.argv)
+                self.procs[n] = subprocess.Popen(self.argv, env=self.env)
 
     def stop(self) -> None:
         self._stop.set()
@@ -78,6 +86,8 @@ class WorkerLauncher:
 def start_workers(config_dir: Path | None, settings: Settings) -> WorkerLauncher | None:
     if not settings.ai_enabled or settings.ai_workers == 0:
         return None
-    launcher = WorkerLauncher(worker_argv(config_dir, settings), settings.ai_workers)
+    launcher = WorkerLauncher(
+        worker_argv(config_dir, settings), settings.ai_workers, worker_env(settings)
+    )
     launcher.start()
     return launcher

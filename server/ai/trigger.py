@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 
 WATERMARK = "stable_series_watermark"
 FIRST_LOOK_BACK = 24 * 3600.0
+# Each look also re-reads this many seconds before the watermark: a series whose last instance
+# committed late (a slow transaction) or came from a node whose clock lags ours is still seen.
+# Looking twice is harmless: the job's unique (series, version) index keeps one.
+OVERLAP = 120.0
+ADVANCE_EVERY = 10.0  # seconds: the watermark is written at most this often (a write lock)
+_decided: dict[tuple[str, str], bool] = {}  # (series, version) already looked at, this process
+_DECIDED_MAX = 50_000
+_last_advance: list[dt.datetime] = []
 # Single-frame images the volume loader reads (PS3.4 B.5): MR Image Storage.
 ANALYSABLE_CLASSES = ("1.2.840.10008.5.1.4.1.1.4",)
 
@@ -83,6 +91,7 @@ def _advance(to: dt.datetime) -> None:
 
 
 def stable_series(since: dt.datetime, cutoff: dt.datetime) -> list[StableSeries]:
+    """Series last updated in (since, cutoff], oldest first."""
     param = "%s" if is_postgres() else "?"
     rows = database.execute_sql(
         'SELECT se."series_instance_uid", st."study_instance_uid", st."institution", '
@@ -108,7 +117,7 @@ def stable_series(since: dt.datetime, cutoff: dt.datetime) -> list[StableSeries]
     ]
 
 
-def _series_facts(series_uid: str) -> tuple[set[str], str]:
+def series_facts(series_uid: str) -> tuple[set[str], str]:
     """The SOP classes in the series and the first instance's Scanning Sequence (0018,0020)."""
     param = "%s" if is_postgres() else "?"
     classes = {
@@ -144,7 +153,7 @@ def matching_rule(series: StableSeries, rules: tuple[AiRule, ...]) -> AiRule | N
         if not _search(rule.body_part, series.body_part):
             continue
         if facts is None:
-            facts = _series_facts(series.series_uid)
+            facts = series_facts(series.series_uid)
         classes, sequence = facts
         if not classes or not classes <= set(ANALYSABLE_CLASSES):
             continue  # derived objects, secondary captures, multi-frame: not a volume we read
@@ -166,9 +175,16 @@ def scan(settings: Settings, now: dt.datetime | None = None) -> list[str]:
         since = _watermark(cutoff)
         if cutoff <= since:
             return queued
-        for series in stable_series(since, cutoff):
+        looked_from = since - dt.timedelta(seconds=OVERLAP)
+        for series in stable_series(looked_from, cutoff):
+            key = (series.series_uid, series.version)
+            if key in _decided:
+                continue  # looked at in an earlier pass (the overlap brings it back)
+            if len(_decided) >= _DECIDED_MAX:
+                _decided.clear()
             rule = matching_rule(series, settings.ai_rules)
-            if rule is None:
+            _decided[key] = rule is not None
+            if rule is None or jobs.exists(series.series_uid, series.version):
                 continue
             job_id = jobs.enqueue(
                 series.series_uid,
@@ -183,5 +199,7 @@ def scan(settings: Settings, now: dt.datetime | None = None) -> list[str]:
             if job_id is not None:
                 log.info("stable series %s (%s): %s", series.series_uid, rule.name, job_id)
                 queued.append(job_id)
-        _advance(cutoff)
+        if not _last_advance or (cutoff - _last_advance[0]).total_seconds() >= ADVANCE_EVERY:
+            _advance(cutoff)
+            _last_advance[:] = [cutoff]
     return queued

@@ -4,7 +4,7 @@ Each pass it lets the stability trigger queue new jobs, then claims one job and 
 
 1. load the series as a volume (server/ai/volume.py; a broken series fails the job for good);
 2. inference (server/ai/models.py), CUDA when available; if the GPU runs out of memory it
-   retries at half the in-plane resolution, then on the CPU, rather than failing;
+   retries at half, then a quarter of the in-plane resolution rather than failing;
 3. structures and measurements (server/ai/analysis.py);
 4. the SEG and the SR (server/ai/outputs.py) through the shared ingest path, then the
    segmentation rows the JSON API lists, then, if asked, the PI-RADS report (server/reports.py);
@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from server.ai import jobs, trigger
-from server.ai.analysis import Findings, findings
+from server.ai.analysis import Findings, NothingFound, findings
 from server.ai.launcher import EXIT_NOT_INSTALLED
 from server.ai.volume import BrokenSeries, Volume, load_series
 from server.archive import Archive
@@ -37,32 +37,48 @@ from server.catalog.schema import Segmentation
 from server.config import Settings
 
 log = logging.getLogger(__name__)
-# Fault injection for tests: after inference the worker creates this file and waits while it
-# exists, so a test can kill it mid-job at a known point.
+# Fault injection for tests: at the stage named by PAUSE_AT_ENV ("inferred", the default, or
+# "seg_stored") the worker creates this file and waits while it exists, so a test can kill it
+# mid-job at a known point.
 PAUSE_ENV = "IMAGING_AI_PAUSE_FILE"
+PAUSE_AT_ENV = "IMAGING_AI_PAUSE_AT"
+
+
+class LostJob(Exception):
+    """Another worker holds the job now (this one's lease ran out): stop, write nothing."""
 
 
 class _Heartbeat:
-    """Renews the job's lease while a long step runs (inference can outlast the lease)."""
+    """Renews the job's lease while a long step runs (inference can outlast the lease).
+
+    Only the job's own thread reports stage and progress, so they never go backwards; this
+    thread only extends the lease, and notes when the job stopped being ours."""
 
     def __init__(self, job_id: str, worker: str, lease: float) -> None:
         self.job_id, self.worker, self.lease = job_id, worker, lease
-        self.stage, self.progress = "claimed", 0.0
+        self.lost = False
         self._last_report = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ai-heartbeat", daemon=True)
         self._thread.start()
 
     def set(self, stage: str, progress: float, *, force: bool = False) -> None:
-        self.stage, self.progress = stage, progress
         now = time.monotonic()
         if force or now - self._last_report >= 0.5:  # progress events at most twice a second
             self._last_report = now
-            jobs.report(self.job_id, self.worker, self.lease, stage, progress)
+            if not jobs.report(self.job_id, self.worker, self.lease, stage, progress):
+                self.lost = True
+        if self.lost:
+            raise LostJob(self.job_id)
 
     def _run(self) -> None:
         while not self._stop.wait(max(1.0, self.lease / 4)):
-            jobs.report(self.job_id, self.worker, self.lease, self.stage, self.progress)
+            try:
+                if not jobs.renew(self.job_id, self.worker, self.lease):
+                    self.lost = True
+                    return
+            except Exception:  # the catalog may be briefly away; the lease has slack
+                log.warning("could not renew the lease of %s", self.job_id, exc_info=True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -108,8 +124,10 @@ class Worker:
             result = self._analyse(job, beat)
         except BrokenSeries as exc:
             jobs.fail(job.id, self.id, f"the series cannot be analysed: {exc}", retry=False)
-        except NoProstate as exc:
+        except NothingFound as exc:
             jobs.fail(job.id, self.id, str(exc), retry=False)
+        except LostJob:
+            log.warning("job %s was taken over by another worker; this attempt stops", job.id)
         except Exception as exc:
             log.exception("job %s failed", job.id)
             jobs.fail(job.id, self.id, f"{type(exc).__name__}: {exc}", retry=True)
@@ -146,25 +164,33 @@ class Worker:
         started = time.monotonic()
         beat.set("loading", 0.05, force=True)
         volume = load_series(self.archive.storage, job.study_uid, job.series_uid)
+        patient_id = str(volume.datasets[0].get("PatientID") or "")
+        # The worker reads patient data like any client: the trail says so (ARCHITECTURE.md).
+        self.archive.audit.record(
+            "ai.read_series",
+            f"ai-worker:{self.id}",
+            analysis=job.id,
+            study=job.study_uid,
+            series=job.series_uid,
+            patient_id=patient_id,
+            instances=len(volume.datasets),
+        )
         beat.set("inference", 0.15, force=True)
         t0 = time.monotonic()
         probabilities, device = self._infer(volume, beat)
         inference_seconds = time.monotonic() - t0
-        _maybe_pause()
+        _maybe_pause("inferred")
         beat.set("measuring", 0.8, force=True)
         config = job.config.get("config") or {}
         threshold = float(config.get("confidence_threshold", 0.5))
         psa = config.get("psa")
-        try:
-            found = findings(
-                probabilities,
-                volume.spacing,
-                [float(v) for v in volume.datasets[0].ImageOrientationPatient],
-                confidence_threshold=threshold,
-                psa=float(psa) if psa is not None else None,
-            )
-        except ValueError as exc:
-            raise NoProstate(str(exc)) from exc
+        found = findings(
+            probabilities,
+            volume.spacing,
+            [float(v) for v in volume.datasets[0].ImageOrientationPatient],
+            confidence_threshold=threshold,
+            psa=float(psa) if psa is not None else None,
+        )
         beat.set("storing", 0.9, force=True)
         model = outputs.ModelInfo(self.segmenter.name, self.segmenter.version)
         seg, numbers = outputs.segmentation(volume, found, model, job.id)
@@ -172,9 +198,21 @@ class Worker:
         source = f"ai:{job.id}"
         ingest = self.archive.ingestor.ingest
         seg_stored = ingest(outputs.encode(seg), source=source, institution=job.institution)
+        _maybe_pause("seg_stored")
+        beat.set("storing", 0.93, force=True)  # still ours? (raises LostJob if not)
         sr_stored = ingest(outputs.encode(sr), source=source, institution=job.institution)
         rows = _record_segmentations(
             job, found, numbers, str(seg.SeriesInstanceUID), seg_stored.sop_instance_uid
+        )
+        self.archive.audit.record(
+            "ai.store_results",
+            f"ai-worker:{self.id}",
+            analysis=job.id,
+            study=job.study_uid,
+            series=job.series_uid,
+            patient_id=patient_id,
+            seg=seg_stored.sop_instance_uid,
+            sr=sr_stored.sop_instance_uid,
         )
         report = None
         if config.get("generate_report") and found.lesions:
@@ -217,13 +255,9 @@ class Worker:
         }
 
 
-class NoProstate(Exception):
-    """The model found nothing to measure: a result, not a fault to retry."""
-
-
-def _maybe_pause() -> None:
+def _maybe_pause(stage: str) -> None:
     marker = os.environ.get(PAUSE_ENV)
-    if not marker:
+    if not marker or os.environ.get(PAUSE_AT_ENV, "inferred") != stage:
         return
     path = Path(marker)
     path.write_text(str(os.getpid()))

@@ -59,8 +59,15 @@ def die_with_parent(parent_pid: int) -> None:
 class Supervisor:
     """Starts the workers, restarts any that die, and stops them all on request."""
 
-    def __init__(self, argv: Sequence[str], sockets: Sequence[socket.socket], count: int) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        sockets: Sequence[socket.socket],
+        count: int,
+        database_url: str = "",
+    ) -> None:
         self.argv = list(argv)
+        self.database_url = database_url
         self.sockets = list(sockets)  # DIMSE, then HTTP
         self.count = count
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -70,7 +77,11 @@ class Supervisor:
         dimse, http = (s.fileno() for s in self.sockets)
         cmd = [*self.argv, "--listen-fd", str(dimse), "--http-fd", str(http)]
         cmd += ["--parent-pid", str(os.getpid())]
-        return subprocess.Popen(cmd, pass_fds=(dimse, http))
+        env = dict(os.environ)
+        if self.database_url:
+            # Not on the command line: the URL may hold a password, and /proc shows argv to all.
+            env["IMAGING_DATABASE_URL"] = self.database_url
+        return subprocess.Popen(cmd, pass_fds=(dimse, http), env=env)
 
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
@@ -121,6 +132,4 @@ def worker_argv(args_config: str | None, settings: Settings) -> list[str]:
         "--http-port",
         str(settings.http_port),
     ]
-    if settings.database_url:
-        argv += ["--database-url", settings.database_url]
-    return argv
+    return argv  # the database URL travels in the environment (Supervisor._spawn)

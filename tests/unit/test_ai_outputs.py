@@ -159,6 +159,14 @@ def test_job_stores_a_valid_seg_and_sr_in_position_order(
         and item.ConceptNameCodeSequence[0].CodeValue == "118565006"
     ]
     assert volumes[0] == pytest.approx(result["metrics"]["prostate_volume_ml"], abs=0.01)
+    # The worker's reading of patient data is in the audit trail, with the patient.
+    trail = [
+        orjson.loads(line)
+        for line in (archive.storage.root / "audit.log").read_bytes().splitlines()
+    ]
+    reads = [e for e in trail if e["action"] == "ai.read_series" and e["series"] == series_uid]
+    assert reads and reads[0]["patient_id"] == "PHANTOM" and reads[0]["actor"].startswith("ai-")
+    assert any(e["action"] == "ai.store_results" and e["seg"] == seg.SOPInstanceUID for e in trail)
     # The segmentations API lists one row per segment, pointing into the one SEG.
     with session():
         rows = list(Segmentation.select().where(Segmentation.analysis_id == job.id))
@@ -277,3 +285,56 @@ def test_the_results_themselves_trigger_nothing(
     later = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(minutes=5)
     queued = trigger.scan(archive.settings, now=later)
     assert [jobs.get(j).series_uid for j in queued] == [series_uid]  # the MR series only
+
+
+def test_slices_are_ordered_by_position_not_instance_number(
+    archive: Archive, phantom: Phantom, tmp_path: Path
+) -> None:
+    """Instance numbers that run against the positions (and so does the catalog's order): the
+    volume and the SEG frames still follow the positions."""
+    files = write_series(phantom, tmp_path / "in")
+    for path in files:
+        ds = dcmread(path)
+        ds.InstanceNumber = 1000 - int(ds.InstanceNumber)
+        ds.save_as(path)
+    for path in files:
+        archive.ingestor.ingest(path.read_bytes(), source="test")
+    series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    with session():
+        study = Series.get(Series.series_instance_uid == series_uid).study.study_instance_uid
+    volume = load_series(archive.storage, study, series_uid)
+    z = [float(d.ImagePositionPatient[2]) for d in volume.datasets]
+    assert z == sorted(z)
+    # The pixels stack in the phantom's own slice order (a reversed stack would not correlate).
+    assert np.corrcoef(volume.pixels.ravel(), phantom.t2.ravel())[0, 1] > 0.99
+    assert _run_job(archive, phantom, series_uid).status == jobs.COMPLETED
+
+
+def _box_probabilities(lesion_slices: slice, lesion_columns: slice) -> np.ndarray[Any, Any]:
+    """A box gland (transition zone) over slices 0-29 with a lesion block inside."""
+    labels = np.zeros((30, 60, 60), np.uint8)
+    labels[:, 10:50, 10:50] = 2
+    labels[lesion_slices, 25:35, lesion_columns] = 3
+    probabilities = np.zeros((4, *labels.shape), np.float32)
+    for label in range(4):
+        probabilities[label][labels == label] = 1.0
+    return probabilities
+
+
+@pytest.mark.parametrize(
+    ("orientation", "side", "level"),
+    [
+        ([1, 0, 0, 0, 1, 0], "left", "base"),  # columns to the left, slices upwards
+        ([-1, 0, 0, 0, 1, 0], "right", "apex"),  # columns to the right, normal downwards
+        ([1, 0, 0, 0, -1, 0], "left", "apex"),  # row direction flipped: normal downwards
+    ],
+)
+def test_lesion_side_and_level_follow_the_patient_axes(
+    orientation: list[int], side: str, level: str
+) -> None:
+    # The lesion sits at high column indices and in the last slices.
+    probabilities = _box_probabilities(slice(24, 28), slice(38, 46))
+    found = findings(probabilities, (3.0, 1.0, 1.0), [float(v) for v in orientation])
+    assert len(found.lesions) == 1
+    assert found.lesions[0].location == f"transition_zone_{side}_{level}"
+    assert found.lesions[0].diameter_mm == pytest.approx(11.0, abs=1.5)  # 8 x 10 px at 1 mm

@@ -16,7 +16,7 @@ import pytest
 from server.ai import jobs, trigger
 from server.archive import Archive, close_archive, open_archive
 from server.catalog.db import session
-from server.catalog.schema import AnalysisJob, Series
+from server.catalog.schema import AiState, AnalysisJob, Series
 from server.config import AiRule, load_settings
 from tools.generate import StudySpec, ct_series
 from tools.phantom import make_phantom, write_series
@@ -27,7 +27,7 @@ def archive(tmp_path: Path, database_url: str) -> Iterator[Archive]:
     settings = load_settings(
         None, {"data_dir": str(tmp_path / "data"), "database_url": database_url or None}
     )
-    opened = open_archive(dataclasses.replace(settings, ai_stable_age=5.0))
+    opened = open_archive(dataclasses.replace(settings, ai_stable_age=30.0))
     try:
         yield opened
     finally:
@@ -98,7 +98,8 @@ def test_a_dead_workers_job_is_taken_again_and_gives_up_after_max_attempts(
         text=True,
         check=True,
     )
-    dead_worker = f"{jobs.worker_id().split(':')[0]}:{gone.stdout.strip()}:abc"
+    host, _, _, pid_space = jobs.worker_id().split(":")
+    dead_worker = f"{host}:{gone.stdout.strip()}:abc:{pid_space}"
     first = jobs.claim(dead_worker, 3600)
     assert first is not None and first.id == job_id and first.attempt == 1
     second = jobs.claim(jobs.worker_id(), 60)
@@ -155,21 +156,21 @@ def test_trigger_queues_stable_matching_series_once(archive: Archive, tmp_path: 
     _phantom_series(archive, tmp_path / "dwi", series_description="ep2d_diff_b800")
     # Not stable yet: nothing queued.
     assert trigger.scan(settings) == []
-    queued = trigger.scan(settings, now=_later(10))
+    queued = trigger.scan(settings, now=_later(60))
     assert len(queued) == 1
     assert jobs.get(queued[0]).series_uid == mr
-    # The same version is never queued twice, even from a fresh look (another node, a restart).
+    # The same version is never queued twice, even from a fresh look (another node, a restart:
+    # no watermark, nothing remembered in the process).
     with session():
-        from server.catalog.schema import AiState
-
         AiState.delete().execute()
-    assert trigger.scan(settings, now=_later(20)) == []
+    trigger._decided.clear()
+    assert trigger.scan(settings, now=_later(70)) == []
 
 
-def test_trigger_ignores_derived_and_short_series(archive: Archive, tmp_path: Path) -> None:
+def test_trigger_ignores_short_series(archive: Archive, tmp_path: Path) -> None:
     settings = dataclasses.replace(archive.settings, ai_rules=(AiRule("any mr", min_instances=20),))
     _phantom_series(archive, tmp_path / "short")  # 12 slices < 20
-    assert trigger.scan(settings, now=_later(10)) == []
+    assert trigger.scan(settings, now=_later(60)) == []
 
 
 def _encode(ds: object) -> bytes:
@@ -181,3 +182,16 @@ def _encode(ds: object) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_a_late_commit_behind_the_watermark_is_still_seen(archive: Archive, tmp_path: Path) -> None:
+    """A series whose last update is older than the watermark (a slow commit, a node whose
+    clock lags) is found by the next look's overlap."""
+    settings = dataclasses.replace(archive.settings, ai_rules=(AiRule("t2", "MR", "t2"),))
+    assert trigger.scan(settings, now=_later(60)) == []  # sets the watermark
+    mr = _phantom_series(archive, tmp_path / "late", series_description="t2_tse_tra")
+    with session():
+        backdated = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=20)
+        Series.update(updated_at=backdated).where(Series.series_instance_uid == mr).execute()
+    queued = trigger.scan(settings, now=_later(90))
+    assert [jobs.get(j).series_uid for j in queued] == [mr]

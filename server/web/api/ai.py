@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from server.ai import jobs
+from server.ai import jobs, trigger
 from server.archive import Archive
 from server.auth.roles import RUN_AI
 from server.catalog.db import session
@@ -184,6 +184,15 @@ def ai_routes(archive: Archive) -> list[BaseRoute]:
                 "MEDICAL_IMAGE_NOT_FOUND",
                 f"Medical image with UID {series_uid} not found",
                 {"series_uid": series_uid},
+            )
+        with session():
+            classes, _ = trigger.series_facts(series_uid)
+        if not classes or not classes <= set(trigger.ANALYSABLE_CLASSES):
+            raise ApiError(
+                422,
+                "SERIES_NOT_ANALYSABLE",
+                "this analysis needs a series of single-frame MR images",
+                {"series_uid": series_uid, "sop_classes": sorted(classes)},
             )
         if not settings.ai_enabled:
             raise ApiError(503, "AI_DISABLED", "the AI loop is switched off ([ai] enabled)")

@@ -150,6 +150,26 @@ class Facts:
     institution: str | None = None
 
 
+def _derived_objects(series_uid: str, tenant: str | None) -> list[dict[str, Any]]:
+    """The series made from this one (SEG, SR: ``series.source_series``), the tenant's only."""
+    query = (
+        Series.select(
+            Series.series_instance_uid,
+            Series.modality,
+            Series.series_description,
+            Series.number_of_series_related_instances,
+        )
+        .join(Study, on=(Series.study == Study.id))
+        .where(Series.source_series == series_uid)
+    )
+    if tenant is not None:
+        query = query.where(Study.institution == tenant)
+    return [
+        {"series_uid": r[0], "modality": r[1], "series_description": r[2], "instances": r[3]}
+        for r in query.order_by(Series.id).tuples()
+    ]
+
+
 class ImagesApi:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
@@ -332,23 +352,7 @@ class ImagesApi:
             previous = Series.get_by_id(series_id).last_accessed
             facts = self._facts([series_id]).get(series_id, Facts())
             image = self._image(match, facts, self._root(request), True)
-            image["derived_objects"] = [
-                {
-                    "series_uid": row[0],
-                    "modality": row[1],
-                    "series_description": row[2],
-                    "instances": row[3],
-                }
-                for row in Series.select(
-                    Series.series_instance_uid,
-                    Series.modality,
-                    Series.series_description,
-                    Series.number_of_series_related_instances,
-                )
-                .where(Series.source_series == series_uid)
-                .order_by(Series.id)
-                .tuples()
-            ]
+            image["derived_objects"] = _derived_objects(series_uid, tenant_of(claims))
             now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
             with write_transaction():
                 Series.update(last_accessed=now).where(Series.id == series_id).execute()
