@@ -66,8 +66,12 @@ def end_to_end(args: argparse.Namespace, scratch: Path) -> list[dict[str, float]
                         raise RuntimeError("no SEG after 600 s:\n" + server.log()[-3000:])
                     time.sleep(0.05)
                 latency = time.monotonic() - sent
-                job = http.get("/api/v1/ai/analyze", params={"series_uid": series_uid})
-                analysis = job.json()["data"]["analyses"][-1]
+                while True:  # the SEG is stored just before the job is marked completed
+                    listed = http.get("/api/v1/ai/analyze", params={"series_uid": series_uid})
+                    analysis = listed.json()["data"]["analyses"][-1]
+                    if analysis["status"] in ("completed", "failed"):
+                        break
+                    time.sleep(0.05)
                 runs.append(
                     {
                         "latency_s": latency,

@@ -31,25 +31,25 @@ BACKGROUND, PERIPHERAL, TRANSITION, LESION = 0, 1, 2, 3
 
 @dataclass
 class LesionTruth:
-    """One ground-truth lesion; ``center_zyx`` is in voxel coordinates of the phantom grid."""
+    """One ground-truth lesion."""
 
-    center_zyx: tuple[float, float, float]
-    radius_mm: float
-    volume_ml: float
-    zone: str
-    label_id: int
+    center_zyx: tuple[float, float, float]  # centroid of its voxels, in voxel coordinates
+    radius_mm: float  # nominal radius it was drawn with (it is deformed and clipped)
+    volume_ml: float  # from its voxel count in ``lesion_ids``
+    zone: str  # "peripheral" or "transition": the zone most of its voxels replaced
+    label_id: int  # its value in ``Phantom.lesion_ids`` (1-based)
 
 
 @dataclass
 class Phantom:
-    """A phantom volume and its truth; ``labels`` is 0 background, 1 PZ, 2 TZ, 3 lesion."""
+    """A phantom volume and its truth, all arrays (z, y, x) on the same grid."""
 
-    t2: np.ndarray
-    labels: np.ndarray
-    lesion_ids: np.ndarray
+    t2: np.ndarray  # float32 T2-like magnitude, arbitrary scale
+    labels: np.ndarray  # uint8: 0 background, 1 PZ, 2 TZ, 3 lesion (overrides the zone)
+    lesion_ids: np.ndarray  # uint8: 0, or the label_id of the lesion at that voxel
     lesions: list[LesionTruth]
-    spacing: tuple[float, float, float] = (3.0, 0.5, 0.5)
-    adc: np.ndarray | None = None
+    spacing: tuple[float, float, float] = (3.0, 0.5, 0.5)  # mm (z, y, x)
+    adc: np.ndarray | None = None  # float32 ADC in 1e-6 mm^2/s when asked for
 
 
 # --------------------------------------------------------------------------- helpers

@@ -157,18 +157,28 @@ def _foreign_runner(
         if spec.normalisation == "zscore":
             image = (image - image.mean()) / (image.std() + 1e-6)
         target = list(volume.shape)
-        if spec.spacing is not None or scale != 1.0:
-            wanted = spec.spacing or spacing
+        if spec.spacing is not None:
             target = [
-                max(1, round(n * s / w * (scale if axis else 1.0)))
-                for axis, (n, s, w) in enumerate(zip(volume.shape, spacing, wanted, strict=True))
+                max(1, round(n * s / w))
+                for n, s, w in zip(volume.shape, spacing, spec.spacing, strict=True)
             ]
             image = F.interpolate(image, size=target, mode="trilinear", align_corners=False)
-        roi = [min(r, t) for r, t in zip(spec.roi_size, target, strict=True)]
+        # scale < 1 (after a CUDA out-of-memory error): smaller in-plane windows, same pixels;
+        # a model run at another resolution than it learnt fails worse than one with less
+        # context (MODEL_CARD.md of the shipped model).
+        roi = [
+            min(max(16, round(r * (scale if axis else 1.0))) if axis else r, t)
+            for axis, (r, t) in enumerate(zip(spec.roi_size, target, strict=True))
+        ]
         if progress:
             progress(0.05)
         logits = sliding_window_inference(
-            image.to(device), roi, 1, lambda x: predictor(x), overlap=0.25, mode="gaussian"
+            image.to(device),
+            roi,
+            1,
+            lambda x: predictor(x),
+            overlap=0.25 if scale == 1.0 else 0.5,
+            mode="gaussian",
         )
         if progress:
             progress(0.9)

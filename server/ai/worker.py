@@ -4,7 +4,7 @@ Each pass it lets the stability trigger queue new jobs, then claims one job and 
 
 1. load the series as a volume (server/ai/volume.py; a broken series fails the job for good);
 2. inference (server/ai/models.py), CUDA when available; if the GPU runs out of memory it
-   retries at half, then a quarter of the in-plane resolution rather than failing;
+   retries once with half-size sliding windows (a quarter of the memory) rather than failing;
 3. structures and measurements (server/ai/analysis.py);
 4. the SEG and the SR (server/ai/outputs.py) through the shared ingest path, then the
    segmentation rows the JSON API lists, then, if asked, the PI-RADS report (server/reports.py);
@@ -150,13 +150,15 @@ class Worker:
                     volume.pixels, volume.spacing, scale=scale, progress=progress
                 ), self.segmenter.device
             except Exception as exc:
-                if "out of memory" not in str(exc).lower() or scale < 0.5:
+                # Once only: quarter-size windows lose too much context
+                # (models/prostate-phantom/MODEL_CARD.md: gland Dice 0.75).
+                if "out of memory" not in str(exc).lower() or scale <= 0.5:
                     raise
                 import torch
 
                 torch.cuda.empty_cache()
                 scale /= 2
-                log.warning("GPU out of memory: retrying at %.2f of the resolution", scale)
+                log.warning("GPU out of memory: retrying with windows at %.2f of their size", scale)
 
     def _analyse(self, job: jobs.Claimed, beat: _Heartbeat) -> tuple[dict[str, Any], float, str]:
         from server.ai import outputs

@@ -26,7 +26,7 @@ from pydicom import dcmread
 from websockets.sync.client import connect
 
 from tests.dcmtk import findscu, storescu
-from tests.helpers import ROOT, ServerProcess, have, write_config
+from tests.helpers import ROOT, ServerProcess, have, tenant_config, user_token, write_config
 from tools.generate import StudySpec, ct_series, write
 from tools.phantom import Phantom, make_phantom, write_series
 
@@ -305,3 +305,44 @@ def _on_demand(server: ServerProcess, series_files: list[Path]) -> None:
         assert report is not None
         pdf = http.get(report["pdf_url"])
         assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+
+
+def test_analyses_are_confined_to_the_institution_and_need_the_permission(
+    tmp_path: Path, series_files: list[Path]
+) -> None:
+    """Tokens required on loopback; the series belongs to HOSP-A (sent by its modality MOD_A).
+    No worker runs here: queued analyses are enough to see who may see them."""
+    if not have("storescu"):
+        pytest.skip("DCMTK is not installed (tools/test installs it when run as root)")
+    config = tenant_config(tmp_path / "config", "[ai]\nworkers = 0\n")
+    server = ServerProcess(tmp_path / "data", config, env={"IMAGING_AI_ENABLED": "true"}).start()
+    try:
+        storescu(server.port, series_files, "-aet", "MOD_A")
+        series = str(dcmread(series_files[0], stop_before_pixels=True).SeriesInstanceUID)
+        own = user_token(server, "rad-a", "HOSP-A", "radiologist")
+        other = user_token(server, "rad-b", "HOSP-B", "radiologist")
+        viewer = user_token(server, "view-a", "HOSP-A", "viewer")
+        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+
+            def call(method: str, path: str, token: str | None, **kw: Any) -> httpx.Response:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                return http.request(method, path, headers=headers, **kw)
+
+            body = {"series_uid": series}
+            assert call("POST", "/api/v1/ai/analyze", None, json=body).status_code == 401
+            denied = call("POST", "/api/v1/ai/analyze", viewer, json=body)
+            assert denied.status_code == 403
+            assert denied.json()["error"]["code"] == "PERMISSION_DENIED"
+            assert call("POST", "/api/v1/ai/analyze", other, json=body).status_code == 404
+            started = call("POST", "/api/v1/ai/analyze", own, json=body)
+            assert started.status_code == 202, started.text
+            analysis = started.json()["data"]["analysis_id"]
+            assert (
+                call("GET", f"/api/v1/ai/analyze/{analysis}", own).json()["data"]["status"]
+                == "queued"
+            )
+            assert call("GET", f"/api/v1/ai/analyze/{analysis}", other).status_code == 404
+            listed = call("GET", "/api/v1/ai/analyze", other, params={"series_uid": series})
+            assert listed.json()["data"]["analyses"] == []
+    finally:
+        server.stop()
