@@ -145,6 +145,16 @@ def _plain(status: str, schema: dict[str, Any], *errors: int) -> dict[str, Any]:
     return out
 
 
+def _on_one(summary: str, path_param: str) -> dict[str, Any]:
+    """An operation on one resource named in the path: bearer auth, 200 or 401/403/404."""
+    return {
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "parameters": [_param(path_param, "path")],
+        "responses": _responses("200", {"type": "object"}, 401, 403, 404),
+    }
+
+
 def _param(
     name: str, where: str = "query", schema: dict[str, Any] | None = None, required: bool = False
 ) -> dict[str, Any]:
@@ -277,12 +287,7 @@ def document() -> dict[str, Any]:
                 }
             },
             f"{API_PREFIX}/images/upload/{{upload_id}}": {
-                "get": {
-                    "summary": "Progress of an upload",
-                    "security": bearer,
-                    "parameters": [_param("upload_id", "path")],
-                    "responses": _responses("200", {"type": "object"}, 401, 403, 404),
-                }
+                "get": _on_one("Progress of an upload", "upload_id")
             },
             f"{API_PREFIX}/images/{{series_uid}}": {
                 "get": {
@@ -291,12 +296,7 @@ def document() -> dict[str, Any]:
                     "parameters": [_param("series_uid", "path")],
                     "responses": _responses("200", _IMAGE, 401, 403, 404),
                 },
-                "delete": {
-                    "summary": "Move a series to the recoverable deleted area",
-                    "security": bearer,
-                    "parameters": [_param("series_uid", "path")],
-                    "responses": _responses("200", {"type": "object"}, 401, 403, 404),
-                },
+                "delete": _on_one("Move a series to the recoverable deleted area", "series_uid"),
             },
             f"{API_PREFIX}/audit/patients/{{patient_id}}": {
                 "get": {
@@ -372,12 +372,7 @@ def document() -> dict[str, Any]:
                 },
             },
             f"{API_PREFIX}/segmentations/{{segmentation_id}}": {
-                "get": {
-                    "summary": "One segmentation",
-                    "security": bearer,
-                    "parameters": [_param("segmentation_id", "path")],
-                    "responses": _responses("200", {"type": "object"}, 401, 403, 404),
-                },
+                "get": _on_one("One segmentation", "segmentation_id"),
                 "put": {
                     "summary": "Update score, validation, notes",
                     "security": bearer,
@@ -451,20 +446,14 @@ def document() -> dict[str, Any]:
                 },
             },
             f"{API_PREFIX}/ai/analyze/{{analysis_id}}": {
-                "get": {
-                    "summary": "An analysis: status, and when completed its results",
-                    "security": bearer,
-                    "parameters": [_param("analysis_id", "path")],
-                    "responses": _responses("200", {"type": "object"}, 401, 403, 404),
-                }
+                "get": _on_one(
+                    "An analysis: its status and, once completed, results", "analysis_id"
+                )
             },
             f"{API_PREFIX}/ai/analyze/{{analysis_id}}/progress": {
-                "get": {
-                    "summary": "An analysis' stage and progress (also on the WebSocket)",
-                    "security": bearer,
-                    "parameters": [_param("analysis_id", "path")],
-                    "responses": _responses("200", {"type": "object"}, 401, 403, 404),
-                }
+                "get": _on_one(
+                    "An analysis' stage and progress (as on the WebSocket)", "analysis_id"
+                )
             },
             f"{API_PREFIX}/reports/generate": {
                 "post": {
