@@ -27,6 +27,7 @@ from server.web.api.segmentations import segmentation_routes
 from server.web.api.uploads import upload_routes
 from server.web.api.worklists import worklist_routes
 from server.web.dicomweb.routes import PREFIX, dicomweb_routes
+from server.web.health import health_routes
 from server.web.http import HTTPError, error_response
 from server.web.ws import websocket_routes
 
@@ -89,6 +90,7 @@ def build_app(archive: Archive) -> Starlette:
         *report_routes(archive),
         *ai_routes(archive),
         *openapi_routes(),
+        *health_routes(archive),
         *websocket_routes(archive),
     ]
     if (settings.viewer_dir / "index.html").is_file():
