@@ -7,10 +7,9 @@ import pytest
 
 from tests.helpers import (
     ServerProcess,
+    catalog,
     free_port,
     have,
-    postgres_available,
-    postgres_database,
     write_config,
 )
 from tools.generate import StudySpec, ct_series, write
@@ -18,27 +17,16 @@ from tools.generate import StudySpec, ct_series, write
 CT_SLICES = 110
 
 
-def _pg_or_skip() -> None:
-    reason = postgres_available()
-    if reason:
-        pytest.skip(reason)
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """'' selects the embedded SQLite catalog; otherwise a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    _pg_or_skip()
-    with postgres_database() as url:
+    with catalog(request.param) as url:
         yield url
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    _pg_or_skip()
-    with postgres_database() as url:
+    with catalog("postgres") as url:
         yield url
 
 

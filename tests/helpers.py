@@ -69,6 +69,23 @@ def postgres_database() -> Iterator[str]:
         yield url
 
 
+@contextmanager
+def catalog(backend: str) -> Iterator[str]:
+    """The catalog URL of a test parametrised by backend: "" (the embedded SQLite) for
+    ``sqlite``, a fresh PostgreSQL database for ``postgres`` (the test is skipped, with the
+    reason, when PostgreSQL does not answer)."""
+    if backend != "postgres":
+        yield ""
+        return
+    reason = postgres_available()
+    if reason:
+        import pytest
+
+        pytest.skip(reason)
+    with postgres_database() as url:
+        yield url
+
+
 def server_cli(
     command: str,
     config: Path,
@@ -145,6 +162,19 @@ def user_token(server: ServerProcess, username: str, institution: str, role: str
     """Create a user and log in: its access token."""
     create_user(server, username, institution, role)
     return str(login(server, username, institution)["access_token"])
+
+
+# The users of a two-tenant test: a radiologist and a viewer of HOSP-A, a radiologist of HOSP-B.
+TENANT_USERS = (
+    ("rad-a", "HOSP-A", "radiologist"),
+    ("viewer-a", "HOSP-A", "viewer"),
+    ("rad-b", "HOSP-B", "radiologist"),
+)
+
+
+def tenant_tokens(server: ServerProcess) -> dict[str, str]:
+    """Create :data:`TENANT_USERS` and log them in: their access tokens by user name."""
+    return {name: user_token(server, name, inst, role) for name, inst, role in TENANT_USERS}
 
 
 def api_key(server: ServerProcess, institution: str) -> str:

@@ -26,7 +26,7 @@ from pydicom import dcmread
 from websockets.sync.client import connect
 
 from tests.dcmtk import findscu, storescu
-from tests.helpers import ROOT, ServerProcess, have, tenant_config, user_token, write_config
+from tests.helpers import ROOT, ServerProcess, have, tenant_config, tenant_tokens, write_config
 from tools.generate import StudySpec, ct_series, write
 from tools.phantom import Phantom, make_phantom, write_series
 
@@ -319,9 +319,8 @@ def test_analyses_are_confined_to_the_institution_and_need_the_permission(
     try:
         storescu(server.port, series_files, "-aet", "MOD_A")
         series = str(dcmread(series_files[0], stop_before_pixels=True).SeriesInstanceUID)
-        own = user_token(server, "rad-a", "HOSP-A", "radiologist")
-        other = user_token(server, "rad-b", "HOSP-B", "radiologist")
-        viewer = user_token(server, "view-a", "HOSP-A", "viewer")
+        tokens = tenant_tokens(server)
+        own, other, viewer = tokens["rad-a"], tokens["rad-b"], tokens["viewer-a"]
         with httpx.Client(base_url=server.base_url, timeout=60) as http:
 
             def call(method: str, path: str, token: str | None, **kw: Any) -> httpx.Response:

@@ -18,11 +18,10 @@ import pytest
 from tests.helpers import (
     PASSWORD,
     ServerProcess,
+    catalog,
     cli,
     create_user,
     login,
-    postgres_available,
-    postgres_database,
     write_config,
 )
 
@@ -51,12 +50,7 @@ def served(
 ) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp(f"auth-{request.param}")
     with ExitStack() as stack:
-        url = ""
-        if request.param == "postgres":
-            reason = postgres_available()
-            if reason:
-                pytest.skip(reason)
-            url = stack.enter_context(postgres_database())
+        url = stack.enter_context(catalog(request.param))
         config = write_config(
             tmp / "config",
             server='[ae]\ntitle = "IMAGING"\n[http]\nauth_off_for_loopback = false\n',

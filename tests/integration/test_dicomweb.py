@@ -27,10 +27,9 @@ from pydicom.uid import (
 from tests.dcmtk import findscu, storescu
 from tests.helpers import (
     ServerProcess,
+    catalog,
     free_port,
     have,
-    postgres_available,
-    postgres_database,
     run,
     storescp,
 )
@@ -89,7 +88,7 @@ def archive(
     if not have("storescu"):
         pytest.skip("DCMTK is not installed (tools/test installs it when run as root)")
     tmp = tmp_path_factory.mktemp(f"dicomweb-{request.param}")
-    with _database(request.param) as url:
+    with catalog(request.param) as url:
         move_port = free_port()
         config = make_config(tmp / "config", peers=[("MOVEDEST", move_port)])
         server = ServerProcess(tmp / "data", config, url).start()
@@ -103,23 +102,6 @@ def archive(
                 )
         finally:
             server.stop()
-
-
-class _NoDatabase:
-    def __enter__(self) -> str:
-        return ""
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _database(kind: str) -> _NoDatabase | object:
-    if kind == "sqlite":
-        return _NoDatabase()
-    reason = postgres_available()
-    if reason:
-        pytest.skip(reason)
-    return postgres_database()
 
 
 def _value(item: dict[str, object], tag: str) -> object:

@@ -17,9 +17,8 @@ from pynetdicom import AE
 
 from tests.helpers import (
     ServerProcess,
+    catalog,
     cli,
-    postgres_available,
-    postgres_database,
     store_as,
     user_token,
 )
@@ -45,12 +44,7 @@ def world(
 ) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp(f"images-{request.param}")
     with ExitStack() as stack:
-        url = ""
-        if request.param == "postgres":
-            reason = postgres_available()
-            if reason:
-                pytest.skip(reason)
-            url = stack.enter_context(postgres_database())
+        url = stack.enter_context(catalog(request.param))
         config = tmp / "config"
         config.mkdir()
         (config / "server.toml").write_text(

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from PIL import Image
 
-from tests.helpers import ServerProcess, run, store_as, tenant_config, user_token
+from tests.helpers import ServerProcess, run, store_as, tenant_config, tenant_tokens
 from tools.generate import StudySpec, ct_series
 
 SLICES, SIZE = 10, 64
@@ -56,14 +56,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with ExitStack() as stack:
         server = ServerProcess(tmp / "data", config).start()
         stack.callback(server.stop)
-        tokens = {
-            name: user_token(server, name, institution, role)
-            for name, institution, role in (
-                ("rad-a", "HOSP-A", "radiologist"),
-                ("viewer-a", "HOSP-A", "viewer"),
-                ("rad-b", "HOSP-B", "radiologist"),
-            )
-        }
+        tokens = tenant_tokens(server)
         spec = StudySpec(patient_id="RPT-1", patient_name="REPORT^PATIENT")
         datasets = list(ct_series(spec, SLICES, SIZE))
         store_as(server.port, "MOD_A", datasets)

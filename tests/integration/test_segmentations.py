@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from tests.helpers import ServerProcess, run, store_as, tenant_config, user_token
+from tests.helpers import ServerProcess, run, store_as, tenant_config, tenant_tokens
 from tools.generate import StudySpec, ct_series
 
 SLICES, SIZE = 12, 32
@@ -46,14 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with ExitStack() as stack:
         server = ServerProcess(tmp / "data", config).start()
         stack.callback(server.stop)
-        tokens = {
-            name: user_token(server, name, institution, role)
-            for name, institution, role in (
-                ("rad-a", "HOSP-A", "radiologist"),
-                ("viewer-a", "HOSP-A", "viewer"),
-                ("rad-b", "HOSP-B", "radiologist"),
-            )
-        }
+        tokens = tenant_tokens(server)
         spec = StudySpec(patient_id="SEG-P1", patient_name="SEG^PATIENT")
         datasets = list(ct_series(spec, SLICES, SIZE))
         # sent in reverse order: the API orders slices by position, not by arrival

@@ -26,8 +26,7 @@ from tests.helpers import (
     ROOT,
     ServerProcess,
     api_key,
-    postgres_available,
-    postgres_database,
+    catalog,
     user_token,
     write_config,
 )
@@ -204,12 +203,7 @@ def served(
 ) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp(f"ws-{request.param}")
     with ExitStack() as stack:
-        url = ""
-        if request.param == "postgres":
-            reason = postgres_available()
-            if reason:
-                pytest.skip(reason)
-            url = stack.enter_context(postgres_database())
+        url = stack.enter_context(catalog(request.param))
         config = write_config(
             tmp / "config",
             server=(

@@ -19,8 +19,7 @@ import pytest
 from tests.helpers import (
     ServerProcess,
     api_key,
-    postgres_available,
-    postgres_database,
+    catalog,
     server_cli,
     write_config,
 )
@@ -58,12 +57,7 @@ def running(
     institutions of their own, so they do not see each other's."""
     tmp = tmp_path_factory.mktemp(f"worklist-{request.param}")
     with ExitStack() as stack:
-        url = ""
-        if request.param == "postgres":
-            reason = postgres_available()
-            if reason:
-                pytest.skip(reason)
-            url = stack.enter_context(postgres_database())
+        url = stack.enter_context(catalog(request.param))
         server = ServerProcess(tmp / "data", write_config(tmp / "config"), url).start()
         stack.callback(server.stop)
         yield server
