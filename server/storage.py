@@ -15,6 +15,7 @@ Any ``.part`` left at start-up marks a file whose fate is decided by the catalog
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -56,6 +57,10 @@ class Storage:
         self.tmp = self.root / "tmp"
         self.instances.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        # The 256 first-level directories exist from the start, so a new second-level one costs
+        # one mkdir on the receive path instead of pathlib's failed try, parent and retry.
+        for first in range(256):
+            (self.instances / f"{first:02x}").mkdir(exist_ok=True)
         self._known_dirs: set[Path] = set()
 
     def path_of(self, relative: str) -> Path:
@@ -79,7 +84,8 @@ class Storage:
                 fh.flush()
                 os.fsync(fh.fileno())
             if directory not in self._known_dirs:
-                directory.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(directory)
                 self._known_dirs.add(directory)
             os.link(part, final)
             fsync_dir(directory)

@@ -31,7 +31,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from server.archive import Archive
 from server.config import Settings
-from server.dimse import fastpath, polling, retrieve
+from server.dimse import fastpath, polling, retrieve, transport
 from server.dimse.handlers import Handlers
 from server.dimse.worklist import MWL_FIND, WorklistHandlers
 from server.errors import ConfigError
@@ -51,6 +51,7 @@ _config.UNRESTRICTED_STORAGE_SERVICE = True
 polling.install()
 retrieve.install()
 fastpath.install()
+transport.install()
 # Identifiers can hold patient data; they go to the audit trail, not to the debug log.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
