@@ -11,13 +11,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from server.config import Settings, load_settings
-from server.errors import ConfigError, IngestError
+from server.errors import ConfigError, IngestError, StorageError
 
 log = logging.getLogger("server")
 
@@ -30,7 +30,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         "data_dir": getattr(args, "data_dir", None),
         "database_url": getattr(args, "database_url", None),
     }
-    return load_settings(args.config, overrides)
+    from server.telemetry import use_format
+
+    settings = load_settings(args.config, overrides)
+    use_format(settings.log_format)  # worker processes read the same settings: same format
+    return settings
 
 
 def _wait_for_signal() -> None:
@@ -41,53 +45,79 @@ def _wait_for_signal() -> None:
 
 
 def _cannot_listen(settings: Settings, exc: OSError, what: str, port: int) -> int:
-    address = settings.bind_address if what == "DICOM" else settings.http_bind_address
+    address = settings.bind_address if what.startswith("DICOM") else settings.http_bind_address
     print(f"cannot listen for {what} on {address}:{port}: {exc.strerror or exc}", file=sys.stderr)
     return 2
 
 
-def _listen_all(settings: Settings) -> tuple[socket.socket, socket.socket] | int:
-    """Both listening sockets, bound before anything starts (a taken port is a clear error)."""
+# The listening sockets, by the dimse-worker option that hands each to the workers.
+_PLAIN, _TLS, _HTTP = "--listen-fd", "--tls-listen-fd", "--http-fd"
+
+
+def _listen_all(settings: Settings) -> dict[str, socket.socket] | int:
+    """The listening sockets (DICOM unless ``[tls] plain_dicom = false``, DICOM TLS when
+    ``[tls] dicom_port`` is set, HTTP), bound before anything starts (a taken port is a clear
+    error)."""
     from server.dimse import workers
     from server.web.serve import listen_http
 
-    try:
-        dimse = workers.listen(settings)
-    except OSError as exc:
-        return _cannot_listen(settings, exc, "DICOM", settings.dimse_port)
-    try:
-        http = listen_http(settings)
-    except OSError as exc:
-        dimse.close()
-        return _cannot_listen(settings, exc, "HTTP", settings.http_port)
-    return dimse, http
+    wanted: list[tuple[str, str, int, Callable[[], socket.socket]]] = []
+    if settings.tls_plain_dicom:
+        wanted.append((_PLAIN, "DICOM", settings.dimse_port, lambda: workers.listen(settings)))
+    if settings.dicom_tls:
+        port = settings.tls_dicom_port
+        wanted.append((_TLS, "DICOM TLS", port, lambda: workers.listen(settings, port)))
+    wanted.append((_HTTP, "HTTP", settings.http_port, lambda: listen_http(settings)))
+    sockets: dict[str, socket.socket] = {}
+    for option, what, number, bind in wanted:
+        try:
+            sockets[option] = bind()
+        except OSError as exc:
+            for sock in sockets.values():
+                sock.close()
+            return _cannot_listen(settings, exc, what, number)
+    return sockets
 
 
-def _banner(settings: Settings, dimse: socket.socket, http: socket.socket, extra: str) -> None:
-    host, port = dimse.getsockname()[:2]
-    http_host, http_port = http.getsockname()[:2]
+def _banner(settings: Settings, sockets: dict[str, socket.socket], extra: str) -> None:
+    def where(option: str) -> str:
+        host, port = sockets[option].getsockname()[:2]
+        return f"{host}:{port}"
+
+    dimse = [where(_PLAIN)] if _PLAIN in sockets else []
+    dimse += [f"{where(_TLS)} (TLS)"] if _TLS in sockets else []
+    scheme = "https" if settings.tls_https else "http"
     print(
-        f"DICOM AE {settings.ae_title} listening on {host}:{port}{extra}; "
-        f"DICOMweb at http://{http_host}:{http_port}/dicom-web; "
+        f"DICOM AE {settings.ae_title} listening on {' and '.join(dimse)}{extra}; "
+        f"DICOMweb at {scheme}://{where(_HTTP)}/dicom-web; "
         f"data in {settings.data_dir.resolve()}; catalog {settings.catalog_url.split('@')[-1]}",
         flush=True,
     )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.archive import open_archive
+    from server.telemetry import metrics_directory
 
     settings = _settings(args)
+    # Before anything imports prometheus_client; the worker processes inherit the directory.
+    with metrics_directory(settings.metrics_enabled):
+        return _serve_all(args, settings)
+
+
+def _serve_all(args: argparse.Namespace, settings: Settings) -> int:
+    from server import tls
+    from server.archive import open_archive
+
+    tls.check(settings)  # a missing or unusable certificate stops us before anything starts
     archive = open_archive(settings)  # recovery runs here, before any worker writes
     sockets = _listen_all(settings)
     if isinstance(sockets, int):
         return sockets
-    dimse, http = sockets
     from server.ai.launcher import start_workers
 
     ai = start_workers(args.config, settings)
     try:
-        return _serve(args, settings, archive, dimse, http)
+        return _serve(args, settings, archive, sockets)
     finally:
         if ai is not None:
             ai.stop()
@@ -97,21 +127,31 @@ def _serve(
     args: argparse.Namespace,
     settings: Settings,
     archive: Any,
-    dimse: socket.socket,
-    http: socket.socket,
+    sockets: dict[str, socket.socket],
 ) -> int:
     from server.archive import close_archive
     from server.dimse import workers
 
     count = workers.worker_count(settings)
     if count == 1:
-        return _serve_in_process(archive, dimse, http)
+        return _serve_in_process(archive, sockets)
     close_archive()  # the parent only supervises; it keeps its writers lock (archive.lock_fd)
+    from server.dimse.slots import slots_directory
+
+    with slots_directory(settings.max_associations):  # one limit for all worker processes
+        return _supervise(args, settings, sockets, count)
+
+
+def _supervise(
+    args: argparse.Namespace, settings: Settings, sockets: dict[str, socket.socket], count: int
+) -> int:
+    from server.dimse import workers
+
     supervisor = workers.Supervisor(
-        workers.worker_argv(args.config, settings), [dimse, http], count, settings.database_url
+        workers.worker_argv(args.config, settings), sockets, count, settings.database_url
     )
     supervisor.start()
-    _banner(settings, dimse, http, f" ({count} worker processes)")
+    _banner(settings, sockets, f" ({count} worker processes)")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: supervisor.stopping.set())
     code = supervisor.run()
@@ -120,19 +160,37 @@ def _serve(
     return code
 
 
-def _serve_in_process(archive: Any, dimse: socket.socket, http: socket.socket) -> int:
+def _serve_in_process(archive: Any, sockets: dict[str, socket.socket]) -> int:
     from server.archive import close_archive
-    from server.dimse.ae import start_dimse
     from server.web.serve import run_http
 
     settings = archive.settings
-    server = start_dimse(archive, listen_fd=dimse.fileno())
-    _banner(settings, dimse, http, "")
-    run_http(archive, http, (signal.SIGINT, signal.SIGTERM))
+    plain, secure = sockets.get(_PLAIN), sockets.get(_TLS)
+    servers = _start_dimse(
+        archive, plain.fileno() if plain else None, secure.fileno() if secure else None
+    )
+    _banner(settings, sockets, "")
+    run_http(archive, sockets[_HTTP], (signal.SIGINT, signal.SIGTERM))
     print("shutting down", flush=True)
-    server.shutdown()
+    for server in servers:
+        server.shutdown()
     close_archive()
     return 0
+
+
+def _start_dimse(archive: Any, plain_fd: int | None, tls_fd: int | None) -> list[Any]:
+    """The AE's servers on the inherited DICOM and DICOM TLS sockets (one AE: one limit)."""
+    from server import tls
+    from server.dimse.ae import start_dimse
+
+    servers = []
+    if plain_fd is not None:
+        servers.append(start_dimse(archive, listen_fd=plain_fd))
+    if tls_fd is not None:
+        context = tls.server_context(archive.settings)
+        ae = servers[0].ae if servers else None
+        servers.append(start_dimse(archive, listen_fd=tls_fd, tls_context=context, ae=ae))
+    return servers
 
 
 def cmd_dimse_worker(args: argparse.Namespace) -> int:
@@ -140,15 +198,15 @@ def cmd_dimse_worker(args: argparse.Namespace) -> int:
     HTTP on the main thread's event loop."""
     from server.archive import close_archive, open_archive
     from server.dimse import workers
-    from server.dimse.ae import start_dimse
     from server.web.serve import run_http
 
     workers.die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     archive = open_archive(_settings(args))
-    server = start_dimse(archive, listen_fd=args.listen_fd)
+    servers = _start_dimse(archive, args.listen_fd, args.tls_listen_fd)
     run_http(archive, socket.socket(fileno=args.http_fd), (signal.SIGTERM,))
-    server.shutdown()
+    for server in servers:
+        server.shutdown()
     close_archive()
     return 0
 
@@ -303,7 +361,7 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
             return 1
         new_uid, count = copy_study(
             archive.ingestor,
-            [archive.storage.path_of(i.file_path) for i in items],
+            [archive.storage.local_path(i.file_path) for i in items],
             args.patient_id,
             args.patient_name,
             args.institution,
@@ -393,6 +451,63 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 1 if counts["rejected"] and not (counts["stored"] or counts["duplicate"]) else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Storage against catalog (server/check.py); exit 0 when nothing is left unresolved."""
+    import orjson
+
+    from server.archive import make_storage
+    from server.audit import AuditLog
+    from server.catalog.db import database, make_database, session
+    from server.catalog.schema import create_schema
+    from server.check import ServerRunning, check
+
+    settings = _settings(args)
+    database.initialize(
+        make_database(settings.catalog_url, sqlite_synchronous=settings.sqlite_sync)
+    )
+    with session():
+        create_schema()
+
+    def progress(stage: str, done: int) -> None:
+        if not args.json:
+            print(f"check: {stage} ({done} so far)", file=sys.stderr)
+
+    try:
+        report = check(
+            make_storage(settings),
+            repair=args.repair,
+            deep=args.deep,
+            grace=args.grace,
+            progress=progress,
+        )
+    except ServerRunning as exc:
+        print(f"check: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        database.close()
+    if args.json:
+        print(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        for finding in report.findings[:200]:
+            done = f" -> {finding.repaired}" if finding.repaired else ""
+            print(f"{finding.kind}: {finding.subject} {finding.detail}{done}".rstrip())
+        if len(report.findings) > 200:
+            print(f"... and {len(report.findings) - 200} more")
+        problems = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts().items()))
+        print(
+            f"{report.instances} instances, {report.files} files: "
+            f"{problems or 'no problems'}; {len(report.unresolved)} unresolved"
+        )
+    if args.repair:
+        AuditLog(settings.data_dir.resolve() / "audit.log").record(
+            "check.repair",
+            f"local:{getpass.getuser()}",
+            "ok" if not report.unresolved else "partial",
+            **report.counts(),
+        )
+    return 1 if report.unresolved else 0
+
+
 def _peer_or_exit(settings: Settings, title: str) -> Any:
     peer = settings.peer(title)
     if peer is None:
@@ -459,7 +574,7 @@ def _files_for_uid(settings: Settings, uid: str) -> list[Path]:
                 Query(Level.IMAGE, constraints=(constraint(attr.tag, "UI", [uid]),))
             )
             if items:
-                return [archive.storage.path_of(i.file_path) for i in items]
+                return [archive.storage.local_path(i.file_path) for i in items]
     return []
 
 
@@ -516,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(worker)
     worker.add_argument("--dimse-port", type=int, default=None)
     worker.add_argument("--http-port", type=int, default=None)
-    worker.add_argument("--listen-fd", type=int, required=True)
+    worker.add_argument("--listen-fd", type=int, default=None)  # DICOM
+    worker.add_argument("--tls-listen-fd", type=int, default=None)  # DICOM TLS
     worker.add_argument("--http-fd", type=int, required=True)
     worker.add_argument("--parent-pid", type=int, required=True)
     worker.set_defaults(func=cmd_dimse_worker)
@@ -587,6 +703,19 @@ def build_parser() -> argparse.ArgumentParser:
     deid.add_argument("--institution", default=None, help="owner of the copy")
     deid.set_defaults(func=cmd_deidentify)
 
+    chk = sub.add_parser("check", help="verify storage against the catalog; --repair fixes")
+    common(chk)
+    chk.add_argument("--repair", action="store_true", help="fix what can be (server stopped)")
+    chk.add_argument("--deep", action="store_true", help="also parse every file's header")
+    chk.add_argument(
+        "--grace",
+        type=float,
+        default=60.0,
+        help="seconds: newer unreferenced files may be writes in flight (read-only check)",
+    )
+    chk.add_argument("--json", action="store_true", help="the report as JSON")
+    chk.set_defaults(func=cmd_check)
+
     ech = sub.add_parser("echo", help="C-ECHO a peer from peers.toml")
     common(ech)
     ech.add_argument("ae")
@@ -596,16 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
-    )
-    from server.web.api.envelope import RequestIdLogFilter
+    from server.telemetry import configure_logging
 
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdLogFilter())  # "-" outside an HTTP request
-    if not args.verbose:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    configure_logging(args.verbose)  # the format is switched once the settings are read
     try:
         result: int = args.func(args)
         return result
@@ -614,6 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FileNotFoundError as exc:
         print(f"not found: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"storage error: {exc}", file=sys.stderr)
         return 2
 
 

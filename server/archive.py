@@ -47,14 +47,34 @@ def _writers_lock(data_dir: Path) -> tuple[int, bool]:
     return fd, alone
 
 
+def make_storage(settings: Settings) -> Storage:
+    """The configured instance-file backend (``[storage] backend``)."""
+    if settings.storage_backend != "s3":
+        return Storage(settings.data_dir, durable=settings.durability == "power-loss")
+    from server.objectstore import S3Storage
+
+    storage = S3Storage(
+        settings.data_dir,
+        bucket=settings.s3_bucket,
+        endpoint=settings.s3_endpoint,
+        region=settings.s3_region,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        prefix=settings.s3_prefix,
+        cache_mb=settings.s3_cache_mb,
+    )
+    storage.ensure_bucket()
+    return storage
+
+
 def open_archive(settings: Settings) -> Archive:
     """Connect the catalog, create its schema and finish writes a crash interrupted."""
     database.initialize(
-        make_database(settings.catalog_url, sqlite_synchronous=settings.sqlite_synchronous)
+        make_database(settings.catalog_url, sqlite_synchronous=settings.sqlite_sync)
     )
     with session():
         create_schema()
-    storage = Storage(settings.data_dir)
+    storage = make_storage(settings)
     fd, alone = _writers_lock(storage.root)
     if alone:
         with session():

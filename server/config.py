@@ -35,6 +35,12 @@ class Peer:
     move_destination: bool = True
     store: bool = True
     institution: str = ""  # worklist tenant: the MWL/MPPS items this AE sees ("" = none)
+    # DICOM TLS (PS3.15 Annex B) for our associations to this AE (send, echo, C-MOVE).
+    tls: bool = False
+    tls_ca_certificates: Path | None = None  # CAs its certificate must chain to (see tls.py)
+    tls_certificate: Path | None = None  # the certificate we present; None: [tls] certificate
+    tls_private_key: Path | None = None  # its key; None: [tls] private_key
+    tls_check_hostname: bool = True  # its certificate must name ``host`` (RFC 9325 / 6125)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class Settings:
     viewer_dir: Path = DEFAULT_CONFIG_DIR.parent / "viewer"
     max_pdu: int = 0
     max_associations: int = 32
+    max_request_mb: int = 4096  # largest HTTP request body (413 beyond); 0 = no limit
+    max_query_results: int = 10000  # C-FIND refuses (0xA700) / QIDO caps (Warning 299) beyond
     dimse_workers: int = 0  # processes accepting associations; 0 = one per core, at most 4
     accept_unknown_calling_aes: bool = True
     unknown_aes_may_query: bool = True
@@ -74,7 +82,19 @@ class Settings:
     data_dir: Path = Path("storage")
     database_url: str = ""
     duplicates: str = "ignore"
+    storage_backend: str = "local"  # "local" (files under data_dir) or "s3" (server/objectstore.py)
+    s3_endpoint: str = ""  # e.g. http://127.0.0.1:8333 (MinIO, SeaweedFS); "" = AWS
+    s3_bucket: str = ""
+    s3_region: str = ""
+    s3_prefix: str = ""  # object names start with this (one bucket, several archives)
+    s3_access_key: str = ""
+    s3_secret_key: str = ""  # better given as IMAGING_S3_SECRET_KEY than written in a file
+    s3_cache_mb: int = 1024  # local copies for readers that seek (frames, rendering, AI)
     sqlite_synchronous: str = "FULL"
+    # "power-loss": an acknowledged instance survives a power cut (file, directory and catalog
+    # fsynced before the success status); "process": it survives the server being killed, not
+    # a power cut or kernel crash (no fsyncs, SQLite synchronous=NORMAL), as Orthanc does.
+    durability: str = "power-loss"
     deleted_retention_days: int = 180  # deleted series stay recoverable this long
     case_insensitive_pn: bool = True
     unknown_aes_institution: str = ""  # worklist tenant of calling AEs not in peers.toml
@@ -87,9 +107,40 @@ class Settings:
     ai_max_attempts: int = 3  # a job failing this often stops with its last reason
     ai_lease: float = 60.0  # seconds a claimed job stays with a worker that stopped reporting
     ai_poll_interval: float = 1.0  # seconds between two looks for stable series and jobs
+    metrics_enabled: bool = True  # GET /metrics (Prometheus) and the counters behind it
+    metrics_token: str = ""  # a bearer token that may read /metrics ("" = admin users only)
+    log_format: str = "text"  # "text" (one readable line) or "json" (one object per line)
     ai_rules: tuple[AiRule, ...] = field(default_factory=tuple)
     peers: tuple[Peer, ...] = field(default_factory=tuple)
     config_dir: Path = DEFAULT_CONFIG_DIR
+    # [tls]: DICOM TLS (PS3.15 Annex B) on a port of its own, and HTTPS (server/tls.py).
+    tls_certificate: Path | None = None  # PEM certificate (chain) this server presents
+    tls_private_key: Path | None = None  # its PEM key; None: the certificate file holds it
+    tls_ca_certificates: Path | None = None  # PEM CAs that client certificates must chain to
+    tls_require_client_certificate: bool = False  # refuse clients without a valid certificate
+    tls_dicom_port: int = 0  # the DICOM TLS port (2762 is registered, PS3.15 B.1); 0 = none
+    tls_plain_dicom: bool = True  # False: [ae] port is not opened, only the TLS port
+    tls_https: bool = False  # the HTTP port speaks HTTPS
+    # Where each setting read from a file or the environment came from ("path:line"), for
+    # errors found after loading (an unreadable certificate at start-up).
+    locations: tuple[tuple[str, str], ...] = ()
+
+    def location(self, name: str) -> str | None:
+        """Where setting ``name`` was given ("path:line", "environment variable ..."), if set."""
+        return dict(self.locations).get(name)
+
+    @property
+    def dicom_tls(self) -> bool:
+        """A DICOM TLS port is configured."""
+        return self.tls_dicom_port != 0
+
+    @property
+    def sqlite_sync(self) -> str:
+        """SQLite's synchronous mode: NORMAL for process-level durability unless set explicitly
+        (in WAL mode a committed transaction then survives a killed process, not a power cut)."""
+        if self.durability == "process" and self.location("sqlite_synchronous") is None:
+            return "NORMAL"
+        return self.sqlite_synchronous
 
     @property
     def catalog_url(self) -> str:
@@ -116,6 +167,8 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("ae", "bind"): ("bind_address", str),
     ("ae", "max_pdu"): ("max_pdu", int),
     ("ae", "max_associations"): ("max_associations", int),
+    ("limits", "max_request_mb"): ("max_request_mb", int),
+    ("limits", "max_query_results"): ("max_query_results", int),
     ("ae", "workers"): ("dimse_workers", int),
     ("ae", "accept_unknown_calling_aes"): ("accept_unknown_calling_aes", bool),
     ("ae", "unknown_aes_may_query"): ("unknown_aes_may_query", bool),
@@ -126,7 +179,16 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("storage", "data_dir"): ("data_dir", Path),
     ("storage", "database_url"): ("database_url", str),
     ("storage", "duplicates"): ("duplicates", str),
+    ("storage", "backend"): ("storage_backend", str),
+    ("storage", "s3_endpoint"): ("s3_endpoint", str),
+    ("storage", "s3_bucket"): ("s3_bucket", str),
+    ("storage", "s3_region"): ("s3_region", str),
+    ("storage", "s3_prefix"): ("s3_prefix", str),
+    ("storage", "s3_access_key"): ("s3_access_key", str),
+    ("storage", "s3_secret_key"): ("s3_secret_key", str),
+    ("storage", "s3_cache_mb"): ("s3_cache_mb", int),
     ("storage", "sqlite_synchronous"): ("sqlite_synchronous", str),
+    ("storage", "durability"): ("durability", str),
     ("storage", "deleted_retention_days"): ("deleted_retention_days", int),
     ("query", "case_insensitive_pn"): ("case_insensitive_pn", bool),
     ("worklist", "unknown_aes_institution"): ("unknown_aes_institution", str),
@@ -145,7 +207,19 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("ai", "max_attempts"): ("ai_max_attempts", int),
     ("ai", "lease"): ("ai_lease", float),
     ("ai", "poll_interval"): ("ai_poll_interval", float),
+    ("tls", "certificate"): ("tls_certificate", str),
+    ("tls", "private_key"): ("tls_private_key", str),
+    ("tls", "ca_certificates"): ("tls_ca_certificates", str),
+    ("tls", "require_client_certificate"): ("tls_require_client_certificate", bool),
+    ("tls", "dicom_port"): ("tls_dicom_port", int),
+    ("tls", "plain_dicom"): ("tls_plain_dicom", bool),
+    ("tls", "https"): ("tls_https", bool),
+    ("metrics", "enabled"): ("metrics_enabled", bool),
+    ("metrics", "token"): ("metrics_token", str),
+    ("logging", "format"): ("log_format", str),
 }
+LOG_FORMATS = ("text", "json")
+_TLS_PATHS = ("tls_certificate", "tls_private_key", "tls_ca_certificates")
 _RULE_KEYS: dict[str, type] = {
     "name": str,
     "modality": str,
@@ -163,6 +237,11 @@ _PEER_KEYS: dict[str, type] = {
     "move_destination": bool,
     "store": bool,
     "institution": str,
+    "tls": bool,
+    "tls_ca_certificates": Path,
+    "tls_certificate": Path,
+    "tls_private_key": Path,
+    "tls_check_hostname": bool,
 }
 _ENV_PREFIX = "IMAGING_"
 
@@ -307,6 +386,16 @@ def _peers(path: Path) -> tuple[Peer, ...]:
         _check_port(kwargs["port"], f"{path}:{_line_of(text, 'peer', 'port', n)}", allow_zero=False)
         if any(p.ae_title == kwargs["ae_title"] for p in peers):
             raise ConfigError(f"peer {kwargs['ae_title']!r} is listed twice", where)
+        for key in ("tls_ca_certificates", "tls_certificate", "tls_private_key"):
+            if key not in kwargs:
+                continue
+            if not kwargs.get("tls"):
+                raise ConfigError(
+                    f"{key} has no effect without tls = true",
+                    f"{path}:{_line_of(text, 'peer', key, n)}",
+                )
+            # Relative to the configuration directory, where the certificates usually live.
+            kwargs[key] = path.parent.resolve() / kwargs[key].expanduser()
         peers.append(Peer(**kwargs))
     return tuple(peers)
 
@@ -390,12 +479,29 @@ def load_settings(
         raise ConfigError(
             f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}", where_of["duplicates"]
         )
+    if plain.get("durability", "power-loss") not in ("power-loss", "process"):
+        raise ConfigError(
+            'storage.durability must be "power-loss" or "process"', where_of["durability"]
+        )
+    if plain.get("storage_backend", "local") not in ("local", "s3"):
+        raise ConfigError("storage.backend must be local or s3", where_of["storage_backend"])
+    if plain.get("storage_backend") == "s3" and not plain.get("s3_bucket"):
+        raise ConfigError(
+            "storage.backend = s3 needs storage.s3_bucket", where_of["storage_backend"]
+        )
     if plain.get("sqlite_synchronous", "FULL").upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError(
             "sqlite_synchronous must be FULL, EXTRA or NORMAL", where_of["sqlite_synchronous"]
         )
+    if plain.get("log_format", "text") not in LOG_FORMATS:
+        raise ConfigError(
+            f"logging.format must be one of {', '.join(LOG_FORMATS)}", where_of["log_format"]
+        )
     if plain.get("dimse_workers", 0) < 0:
         raise ConfigError("workers must be 0 (one per core) or more", where_of["dimse_workers"])
+    for limit in ("max_request_mb", "max_query_results"):
+        if plain.get(limit, 0) < 0:
+            raise ConfigError(f"limits.{limit} must be 0 (no limit) or more", where_of[limit])
     if plain.get("max_pdu", 0) < 0:
         raise ConfigError("max_pdu must be 0 (unlimited) or a positive size", where_of["max_pdu"])
     if plain.get("ai_device", "auto") not in ("auto", "cpu", "cuda"):
@@ -417,8 +523,59 @@ def load_settings(
         ):
             # A relative path in the file is relative to the project root, next to ae_config/.
             plain[path_field] = directory.resolve().parent / path
+    _tls_settings(plain, where_of, directory)
     peers = _peers(directory / "peers.toml")
     rules = _ai_rules(directory / "ai_rules.toml")
     return dataclasses.replace(
-        Settings(), **plain, peers=peers, ai_rules=rules, config_dir=directory
+        Settings(),
+        **plain,
+        peers=peers,
+        ai_rules=rules,
+        config_dir=directory,
+        locations=tuple(where_of.items()),
     )
+
+
+def _tls_settings(plain: dict[str, Any], where_of: dict[str, str], directory: Path) -> None:
+    """Check the ``[tls]`` settings together and resolve their paths (in place).
+
+    Only what the configuration says is checked here; whether the files exist, are readable and
+    match is checked when ``serve`` starts (:func:`server.tls.check`), so that commands which
+    never listen (``import``, ``apikey``) do not need to read the private key."""
+    for name in _TLS_PATHS:
+        raw = plain.get(name)
+        if raw is None:
+            continue
+        if not raw:
+            plain[name] = None  # "" = not set
+            continue
+        path = Path(raw).expanduser()
+        if not path.is_absolute() and where_of[name].startswith(str(directory)):
+            path = directory.resolve() / path  # relative to the configuration directory
+        plain[name] = path
+    port = plain.get("tls_dicom_port", 0)
+    if "tls_dicom_port" in plain:
+        _check_port(port, where_of["tls_dicom_port"])
+    plain_port = plain.get("dimse_port", Settings.dimse_port)
+    if port and port == plain_port and plain.get("tls_plain_dicom", True):
+        raise ConfigError(
+            f"dicom_port {port} is also the plain DICOM port ([ae] port); TLS needs a port "
+            "of its own (PS3.15 B.1; 2762 is registered for it)",
+            where_of["tls_dicom_port"],
+        )
+    wanted = [f for f in ("tls_dicom_port", "tls_https") if plain.get(f)]
+    if wanted and not plain.get("tls_certificate"):
+        raise ConfigError(
+            f"{wanted[0][4:]} needs [tls] certificate (and private_key)", where_of[wanted[0]]
+        )
+    if plain.get("tls_require_client_certificate") and not plain.get("tls_ca_certificates"):
+        raise ConfigError(
+            "require_client_certificate needs [tls] ca_certificates (the CAs that client "
+            "certificates must chain to)",
+            where_of["tls_require_client_certificate"],
+        )
+    if not plain.get("tls_plain_dicom", True) and not port:
+        raise ConfigError(
+            "plain_dicom = false needs a [tls] dicom_port: no DICOM port would be open",
+            where_of["tls_plain_dicom"],
+        )

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +25,7 @@ from server.catalog.db import session, write_transaction
 from server.catalog.schema import DeletedSeries, Instance, Series, Study
 from server.catalog.writer import delete_instance_row
 from server.ingest import Ingestor
-from server.storage import Storage, fsync_dir
+from server.storage import Storage
 
 
 class NotFound(Exception):
@@ -75,13 +73,10 @@ def delete_series(
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
         key = hashlib.sha256(series_uid.encode()).hexdigest()
         relative = f"deleted/{day}/{key}-{now}"
-        target = storage.root / relative
-        target.mkdir(parents=True, exist_ok=False)
         manifest = []
         for n, inst in enumerate(instances):
-            source = storage.path_of(inst.file_path)
             name = f"{n:06d}.dcm"
-            os.link(source, target / name)
+            storage.keep_copy(inst.file_path, f"{relative}/{name}")
             manifest.append(
                 {
                     "file": name,
@@ -89,23 +84,20 @@ def delete_series(
                     "sop_class_uid": inst.sop_class_uid,
                 }
             )
-        with open(target / "manifest.json", "wb") as fh:
-            fh.write(
-                orjson.dumps(
-                    {
-                        "series_uid": series_uid,
-                        "study_uid": series.study_instance_uid,
-                        "institution": series.institution,
-                        "deleted_by": actor,
-                        "deleted_at": now,
-                        "instances": manifest,
-                    },
-                    option=orjson.OPT_INDENT_2,
-                )
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        fsync_dir(target)
+        storage.write_kept(
+            f"{relative}/manifest.json",
+            orjson.dumps(
+                {
+                    "series_uid": series_uid,
+                    "study_uid": series.study_instance_uid,
+                    "institution": series.institution,
+                    "deleted_by": actor,
+                    "deleted_at": now,
+                    "instances": manifest,
+                },
+                option=orjson.OPT_INDENT_2,
+            ),
+        )
         retention_until = now + retention_days * 86400
         with write_transaction():
             for inst in instances:
@@ -121,7 +113,7 @@ def delete_series(
                 retention_until=retention_until,
             )
     for inst in instances:
-        storage.path_of(inst.file_path).unlink(missing_ok=True)
+        storage.delete(inst.file_path)
     return Deleted(series_uid, series.study_instance_uid, relative, retention_until, len(instances))
 
 
@@ -162,16 +154,17 @@ def restore(storage: Storage, ingestor: Ingestor, series_uid: str) -> int:
         )
     if row is None:
         raise NotFound(series_uid)
-    directory = storage.root / row.backup_location
     restored = 0
-    for path in sorted(directory.glob("*.dcm")):
-        ingestor.ingest(path.read_bytes(), source="restore", institution=row.institution)
+    for name in storage.list_kept(row.backup_location):
+        if not name.endswith(".dcm"):
+            continue
+        ingestor.ingest(storage.read_kept(name), source="restore", institution=row.institution)
         restored += 1
     with session(), write_transaction():
         DeletedSeries.update(restored_at=int(time.time())).where(
             DeletedSeries.id == row.id
         ).execute()
-    shutil.rmtree(directory, ignore_errors=True)
+    storage.remove_kept(row.backup_location)
     return restored
 
 
@@ -187,7 +180,7 @@ def purge(storage: Storage, now: int | None = None) -> int:
             )
         )
     for row in expired:
-        shutil.rmtree(storage.root / row.backup_location, ignore_errors=True)
+        storage.remove_kept(row.backup_location)
         with session(), write_transaction():
             DeletedSeries.update(purged_at=now).where(DeletedSeries.id == row.id).execute()
     return len(expired)

@@ -18,10 +18,14 @@ from typing import Any, Literal
 from peewee import DatabaseError
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+)
 
+from server import metrics
 from server.catalog import writer
 from server.catalog.db import session
 from server.catalog.schema import ci_column
@@ -55,9 +59,14 @@ Listener = Callable[[IngestResult], None]
 
 def _integer(text: str) -> int | None:
     try:
-        return int(float(text))
-    except ValueError:
+        number = int(float(text))
+    except (ValueError, OverflowError):
         return None
+    # IS holds 32-bit values (PS3.5 6.2); a bigger one would fail the catalog insert
+    return number if -(2**31) <= number < 2**31 else None
+
+
+COLUMN_CHARS = 256  # at most 1 KiB in UTF-8: within PostgreSQL's B-tree entry limit
 
 
 def extract_columns(metadata: dict[str, Any], level: Level) -> dict[str, Any]:
@@ -65,8 +74,14 @@ def extract_columns(metadata: dict[str, Any], level: Level) -> dict[str, Any]:
     instance's DICOM JSON so each value is converted once."""
     values: dict[str, Any] = {}
     for attr in extracted(level):
-        texts = [t.strip(" \0") for t in dicom_json.text_values(metadata.get(attr.tag_hex))]
-        text = "\\".join(texts) if any(texts) else None
+        # NUL is padding or garbage, and PostgreSQL text cannot hold it; a value far beyond any
+        # VR's length cannot be indexed there (found by tools/fuzz.py: both refused the
+        # instance with 0xA700 on PostgreSQL only). The metadata keeps the values as sent.
+        texts = [
+            t.replace("\0", "").strip(" ")
+            for t in dicom_json.text_values(metadata.get(attr.tag_hex))
+        ]
+        text = "\\".join(texts)[:COLUMN_CHARS] if any(texts) else None
         if attr.vr in INTEGER_VRS:
             # an unparseable optional value is not a reason to refuse the instance
             values[attr.column] = _integer(texts[0]) if texts and texts[0] else None
@@ -115,15 +130,43 @@ def source_series(metadata: dict[str, Any]) -> str | None:
     return None
 
 
+_PIXEL_DATA_LE = b"\xe0\x7f\x10\x00"
+_SEQUENCE_END_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNCHECKED_SYNTAXES = ("1.2.840.10008.1.2.2", str(DeflatedExplicitVRLittleEndian))
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+
+
+def _check_pixel_data(data: bytes, at: int, syntax: str) -> None:
+    """Refuse a file whose Pixel Data is cut short (the header parse stops before it, at
+    ``at``): acknowledging it would keep an image that cannot be shown (found by
+    tools/fuzz.py: truncated instances were stored with success)."""
+    if data[at : at + 4] != _PIXEL_DATA_LE or syntax in _UNCHECKED_SYNTAXES:
+        return  # no pixel data, or an encoding where positions cannot be checked this way
+    if syntax == "1.2.840.10008.1.2":  # implicit VR
+        header, length = 8, int.from_bytes(data[at + 4 : at + 8], "little")
+    elif data[at + 4 : at + 6] in _LONG_VRS:
+        header, length = 12, int.from_bytes(data[at + 8 : at + 12], "little")
+    else:
+        header, length = 8, int.from_bytes(data[at + 6 : at + 8], "little")
+    if length == 0xFFFFFFFF:
+        if data.rfind(_SEQUENCE_END_LE, at) < 0:
+            raise InvalidDataset("Pixel Data is cut short: no sequence delimiter")
+    elif at + header + length > len(data):
+        got = max(0, len(data) - at - header)
+        raise InvalidDataset(f"Pixel Data is cut short: {got} of {length} bytes")
+
+
 def _parse(data: bytes) -> tuple[Dataset, bytes]:
     """Header-only parse; returns the dataset and the bytes to store (Part 10 encoded)."""
     if len(data) >= 132 and data[128:132] == b"DICM":
+        stream = io.BytesIO(data)
         try:
-            ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+            ds = dcmread(stream, stop_before_pixels=True)
+        except Exception as exc:  # pydicom's errors on malformed data are of many types
             raise InvalidDataset(f"cannot parse DICOM data: {exc}") from exc
         if "TransferSyntaxUID" not in ds.file_meta:
             raise InvalidDataset("file meta information lacks (0002,0010) TransferSyntaxUID")
+        _check_pixel_data(data, stream.tell(), str(ds.file_meta.TransferSyntaxUID))
         return ds, data
     # A bare dataset without the Part 10 header (some tools write these): wrap it.
     try:
@@ -147,10 +190,20 @@ def _parse(data: bytes) -> tuple[Dataset, bytes]:
     return ds, out.getvalue()
 
 
+def _accession(ds: Dataset) -> str:
+    try:
+        return str(ds.get("AccessionNumber") or "").strip()
+    except Exception:  # unreadable (bad VR or length): the instance is stored all the same
+        return ""
+
+
 def _validate(ds: Dataset, expect_class: str | None, expect_instance: str | None) -> dict[str, str]:
     uids: dict[str, str] = {}
     for keyword in _REQUIRED_UIDS:
-        value = str(ds.get(keyword) or "").strip(" \0")
+        try:
+            value = str(ds.get(keyword) or "").strip(" \0")
+        except Exception as exc:  # read lazily: a bad VR or length shows up only here
+            raise InvalidDataset(f"{keyword} cannot be read: {exc}") from exc
         if not value:
             # PS3.4 B.2.3: a dataset lacking a required attribute does not match its SOP Class.
             raise DatasetMismatch(f"dataset lacks {keyword}")
@@ -199,6 +252,31 @@ class Ingestor:
 
         Raises an :class:`~server.errors.IngestError` carrying the DIMSE status on failure.
         """
+        try:
+            done = self._ingest(
+                data,
+                source=source,
+                expect_sop_class=expect_sop_class,
+                expect_sop_instance=expect_sop_instance,
+                expect_study=expect_study,
+                institution=institution,
+            )
+        except Exception:
+            metrics.ingested(source, "failed", len(data))
+            raise
+        metrics.ingested(source, done.outcome, len(data))
+        return done
+
+    def _ingest(
+        self,
+        data: bytes,
+        *,
+        source: str,
+        expect_sop_class: str | None,
+        expect_sop_instance: str | None,
+        expect_study: str | None,
+        institution: str | None,
+    ) -> IngestResult:
         ds, encoded = _parse(data)
         uids = _validate(ds, expect_sop_class, expect_sop_instance)
         if expect_study and uids["StudyInstanceUID"] != expect_study:
@@ -218,7 +296,7 @@ class Ingestor:
                 uids["SeriesInstanceUID"],
                 outcome,
                 transfer_syntax,
-                str(ds.get("AccessionNumber") or "").strip(),
+                _accession(ds),
                 warnings,
             )
 
@@ -226,9 +304,12 @@ class Ingestor:
             if not self.replace and writer.is_catalogued(sop_uid):
                 return result("duplicate")
             key = storage_key(sop_uid)
-            header = dicom_json.to_json(ds)
-            warnings = tuple(problems(header, has_pixels=False))
-            metadata = dicom_json.dumps(header).decode()
+            try:
+                header = dicom_json.to_json(ds)
+                warnings = tuple(problems(header, has_pixels=False))
+                metadata = dicom_json.dumps(header).decode()
+            except Exception as exc:  # e.g. nesting too deep, a number beyond 64 bits
+                raise InvalidDataset(f"cannot read the header: {exc}") from exc
             staged = self.storage.stage(key, (encoded,))
             record = writer.InstanceRecord(
                 patient=extract_columns(header, Level.PATIENT),

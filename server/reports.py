@@ -208,7 +208,7 @@ def _mask_slices(storage: Storage, row: Any) -> tuple[list[str], np.ndarray[Any,
         item = Instance.get_or_none(Instance.sop_instance_uid == row.seg_sop_instance_uid)
     if item is None:
         raise ReportError(409, "SEGMENTATION_MISSING", f"the SEG of {row.id} is not stored")
-    seg = hd.seg.segread(storage.path_of(item.file_path))
+    seg = hd.seg.segread(storage.local_path(item.file_path))
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=uids,
         segment_numbers=[row.segment_number or 1],
@@ -223,7 +223,7 @@ def key_image(storage: Storage, row: Any, size: int = 320) -> bytes:
     index = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
     with session():
         item = Instance.get(Instance.sop_instance_uid == uids[index])
-    frames = open_frames(storage.path_of(item.file_path))
+    frames = open_frames(storage.local_path(item.file_path))
     image = Image.open(
         io.BytesIO(render(frames, 1, RenderOptions(media_type="image/png")))
     ).convert("RGB")
@@ -323,7 +323,7 @@ def structured_report(
         row = f.row
         with session():
             seg_item = Instance.get(Instance.sop_instance_uid == row.seg_sop_instance_uid)
-        seg_ds = dcmread(storage.path_of(seg_item.file_path), stop_before_pixels=True)
+        seg_ds = dcmread(storage.local_path(seg_item.file_path), stop_before_pixels=True)
         evidence.append(seg_ds)
         qualitative = []
         if row.pi_rads_score:

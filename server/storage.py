@@ -11,6 +11,15 @@ write whose catalog commit never happened (process killed in between):
 4. older versions of ``<key>`` removed, then the ``.part`` unlinked
 
 Any ``.part`` left at start-up marks a file whose fate is decided by the catalog.
+
+``durable=False`` (``[storage] durability = "process"``) leaves out the two fsyncs: the order of
+work is the same, so a killed process still loses nothing it acknowledged (the kernel holds the
+written pages), but a power cut or kernel crash may lose the last seconds of instances.
+
+Everything else reads instance files through the methods below (``open``, ``read``,
+``local_path``, ``files``, ...), never through paths of its own, so the S3 backend
+(:mod:`server.objectstore`) can take the local folder's place.  The data directory itself
+(``root``) stays local either way: the catalog journal, audit trail, keys and reports live there.
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ import contextlib
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from server.errors import StorageError
 
@@ -50,9 +61,24 @@ class StagedFile:
     size: int
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """One instance file as the backend lists it."""
+
+    relative: str
+    size: int
+    mtime: float
+    elsewhere: bool  # the same data is kept under another name too (a hard link)
+
+
 class Storage:
-    def __init__(self, root: Path) -> None:
+    """Instance files in the local folder ``<root>/instances``."""
+
+    backend = "local"
+
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root.resolve()
+        self.durable = durable
         self.instances = self.root / "instances"
         self.tmp = self.root / "tmp"
         self.instances.mkdir(parents=True, exist_ok=True)
@@ -65,6 +91,89 @@ class Storage:
 
     def path_of(self, relative: str) -> Path:
         return self.instances / relative
+
+    # --- reading (every backend) -----------------------------------------------------------
+    def open(self, relative: str) -> BinaryIO:
+        """The stored file for sequential reading (streamed, never loaded whole)."""
+        return open(self.path_of(relative), "rb")
+
+    def read(self, relative: str) -> bytes:
+        return self.path_of(relative).read_bytes()
+
+    def local_path(self, relative: str) -> Path:
+        """A local file holding the instance, for readers that seek (pixel data, pydicom)."""
+        return self.path_of(relative)
+
+    def size(self, relative: str) -> int | None:
+        """The stored size in bytes, None when the file is missing."""
+        try:
+            return self.path_of(relative).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def files(self) -> Iterator[StoredObject]:
+        for first in sorted(self.instances.iterdir()):
+            if not first.is_dir():
+                continue
+            for second in sorted(first.iterdir()):
+                if not second.is_dir():
+                    continue
+                for path in sorted(second.iterdir()):
+                    info = path.stat()
+                    relative = str(path.relative_to(self.instances))
+                    yield StoredObject(relative, info.st_size, info.st_mtime, info.st_nlink > 1)
+
+    def delete(self, relative: str) -> None:
+        self.path_of(relative).unlink(missing_ok=True)
+
+    def quarantine(self, relative: str) -> str:
+        """Move an unreferenced file to ``orphans/`` (kept for review); returns its new name."""
+        target = self.root / "orphans" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path_of(relative), target)
+        return f"orphans/{relative}"
+
+    def probe(self) -> None:
+        """Raise OSError unless the storage takes a durable write (readiness)."""
+        probe = self.tmp / f"ready-{secrets.token_hex(4)}.probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            probe.unlink(missing_ok=True)
+
+    # --- kept copies (the deleted-series area), by name under the data directory ------------
+    def keep_copy(self, relative: str, name: str) -> None:
+        """Keep the instance file also as ``name`` (a hard link: no data is copied)."""
+        target = self.root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(self.path_of(relative), target)
+
+    def write_kept(self, name: str, data: bytes) -> None:
+        """Write ``name`` durably, with the directory entries of everything kept beside it."""
+        target = self.root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(target.parent)
+
+    def read_kept(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def list_kept(self, prefix: str) -> list[str]:
+        directory = self.root / prefix
+        if not directory.is_dir():
+            return []
+        return sorted(f"{prefix}/{p.name}" for p in directory.iterdir() if p.is_file())
+
+    def remove_kept(self, prefix: str) -> None:
+        shutil.rmtree(self.root / prefix, ignore_errors=True)
 
     def _directory(self, key: str) -> Path:
         return self.instances / key[:2] / key[2:4]
@@ -82,13 +191,15 @@ class Storage:
                     fh.write(chunk)
                     size += len(chunk)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.durable:
+                    os.fsync(fh.fileno())
             if directory not in self._known_dirs:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(directory)
                 self._known_dirs.add(directory)
             os.link(part, final)
-            fsync_dir(directory)
+            if self.durable:
+                fsync_dir(directory)
         except OSError as exc:
             for leftover in (final, part):
                 leftover.unlink(missing_ok=True)

@@ -53,3 +53,15 @@ def getscu(port: int, study_uid: str, out: Path) -> None:
     result = run(cmd, env={"TCP_NODELAY": "1"})
     if result.returncode != 0:
         raise AssertionError(f"getscu failed ({result.returncode}):\n{result.stderr[-2000:]}")
+
+
+def movescu(port: int, destination: str, keys: dict[str, str], *extra: str) -> str:
+    """C-MOVE (Study Root) with movescu; returns its output, fails the test on a bad exit."""
+    cmd = ["movescu", "-S", *extra, "-aec", "IMAGING", "-aem", destination]
+    for key, value in keys.items():
+        cmd += ["-k", f"{key}={value}"]
+    result = run([*cmd, "127.0.0.1", str(port)])
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise AssertionError(f"movescu failed ({result.returncode}):\n{output[-2000:]}")
+    return output

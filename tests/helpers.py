@@ -224,3 +224,30 @@ def tenant_config(directory: Path, server_toml: str = "") -> Path:
         '[[peer]]\nae_title = "MOD_A"\nhost = "127.0.0.1"\nport = 1\ninstitution = "HOSP-A"\n'
     )
     return directory
+
+
+def study_find(port: int, patient_id: str, calling: str = "FINDSCU") -> tuple[int, str, int]:
+    """A Study Root C-FIND by PatientID with pynetdicom: (final status, its Error Comment,
+    number of pending responses)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as Find
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Find)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGING")
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientID = patient_id
+    identifier.StudyInstanceUID = ""
+    pending, final, comment = 0, -1, ""
+    try:
+        for status, _ in assoc.send_c_find(identifier, Find):
+            if status and status.Status in (0xFF00, 0xFF01):
+                pending += 1
+            elif status:
+                final, comment = int(status.Status), str(status.get("ErrorComment", ""))
+    finally:
+        assoc.release()
+    return final, comment, pending

@@ -130,10 +130,12 @@ class OrthancTarget(Target):
 class OursTarget(Target):
     name = "ours"
 
-    def __init__(self, work: Path, database_url: str) -> None:
+    def __init__(self, work: Path, database_url: str, durability: str = "power-loss") -> None:
         super().__init__()
         config = write_config(work / "config")
         self.server = OurServer(work / "data", config, database_url)
+        self.server.env["IMAGING_DURABILITY"] = durability
+        self.durability = durability
         self.http_port = self.server.http_port
 
     def start(self) -> None:
@@ -151,7 +153,7 @@ class OursTarget(Target):
 
     def describe(self) -> str:
         db = self.server.database_url.split("@")[-1] if self.server.database_url else "SQLite"
-        return f"ours ({sys.executable} -m server, catalog {db})"
+        return f"ours ({sys.executable} -m server, catalog {db}, durability {self.durability})"
 
 
 def ensure_plugin(orthanc_binary: str) -> None:
@@ -373,6 +375,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per query (5)")
     parser.add_argument("--only", action="append", choices=MEASUREMENTS)
     parser.add_argument("--database-url", default="", help="run ours on this PostgreSQL server")
+    parser.add_argument(
+        "--durability",
+        choices=("power-loss", "process"),
+        default="power-loss",
+        help="ours: [storage] durability (process = no fsyncs, Orthanc's guarantee)",
+    )
     parser.add_argument("--json", type=Path, help="also save the figures to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--workdir", type=Path, help="parent of the work directory ($TMPDIR)")
@@ -411,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 catalog = (files, queries, work / "catalog")
             targets: list[Target] = [
                 OrthancTarget(work / "orthanc", args.orthanc),
-                OursTarget(work / "ours", database_url),
+                OursTarget(work / "ours", database_url, args.durability),
             ]
             for target in targets:
                 bench(target, args, only, ct, catalog, figures, info)

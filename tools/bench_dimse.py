@@ -278,9 +278,13 @@ class OursTarget:
     name = "ours"
     ae_title = "IMAGING"
 
-    def __init__(self, work: Path, move_port: int, database_url: str) -> None:
+    def __init__(
+        self, work: Path, move_port: int, database_url: str, durability: str = "power-loss"
+    ) -> None:
         config = write_config(work / "config", peers=[(MOVE_DESTINATION, move_port)])
         self.server = OurServer(work / "data", config, database_url)
+        self.server.env["IMAGING_DURABILITY"] = durability
+        self.durability = durability
 
     @property
     def port(self) -> int:
@@ -305,7 +309,7 @@ class OursTarget:
 
     def describe(self) -> str:
         db = self.server.database_url.split("@")[-1] if self.server.database_url else "SQLite"
-        return f"ours ({sys.executable} -m server, catalog {db})"
+        return f"ours ({sys.executable} -m server, catalog {db}, durability {self.durability})"
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -683,6 +687,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run only this measurement (repeatable; default: all)",
     )
     parser.add_argument(
+        "--durability",
+        choices=("power-loss", "process"),
+        default="power-loss",
+        help="ours: [storage] durability (process = no fsyncs, Orthanc's guarantee)",
+    )
+    parser.add_argument(
         "--database-url",
         default="",
         help="run ours on this PostgreSQL server (a scratch database is created and dropped)",
@@ -724,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             move_port = free_port()
             targets: list[Target] = [
                 OrthancTarget(work / "orthanc", move_port, args.orthanc),
-                OursTarget(work / "ours", move_port, database_url),
+                OursTarget(work / "ours", move_port, database_url, args.durability),
             ]
             for target in targets:
                 bench_target(target, data, args, only, figures, info, work, move_port)

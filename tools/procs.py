@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pynetdicom import AE
@@ -34,6 +34,17 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def stow_body(parts: Iterable[bytes], boundary: str = "stow-boundary-1") -> tuple[bytes, str]:
+    """A STOW-RS request body (PS3.18 10.5: multipart/related, type application/dicom) and
+    its Content-Type."""
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+        for p in parts
+    )
+    body += f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,13 +52,19 @@ def free_port() -> int:
 
 
 def echo(
-    port: int, ae_title: str = "IMAGING", calling: str = "ECHOSCU", host: str = "127.0.0.1"
+    port: int,
+    ae_title: str = "IMAGING",
+    calling: str = "ECHOSCU",
+    host: str = "127.0.0.1",
+    tls_args: tuple[Any, str] | None = None,
+    timeout: float = 3,
 ) -> bool:
-    """True when the AE at ``host:port`` answers C-ECHO with success."""
+    """True when the AE at ``host:port`` answers C-ECHO with success (over TLS with
+    ``tls_args`` = (ssl context, server host name))."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 3
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     if not assoc.is_established:
         return False
     try:
@@ -246,14 +263,12 @@ class OurServer:
             env={**os.environ, "PYTHONUNBUFFERED": "1", "IMAGING_AI_ENABLED": "false", **self.env},
         )
         log_file.close()  # the child holds its own descriptor
-        wait_until(
-            lambda: answers(self.port, self.ae_title) and http_answers(self.base_url),
-            "our server",
-            timeout,
-            self.proc,
-            self.log_path,
-        )
+        wait_until(self.ready, "our server", timeout, self.proc, self.log_path)
         return self
+
+    def ready(self) -> bool:
+        """Both ports answer (a subclass serving TLS probes its own way)."""
+        return answers(self.port, self.ae_title) and http_answers(self.base_url)
 
     def import_paths(self, paths: Sequence[Path]) -> None:
         """Bulk import (``python -m server import``); the progress bar goes to our stderr."""

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from peewee import fn
 
 from server import events
 from server.catalog.db import database, is_postgres, session, write_transaction
@@ -379,3 +380,14 @@ def get(job_id: str) -> Any:
 def queue_depth() -> int:
     with session():
         return int(AnalysisJob.select().where(AnalysisJob.status.in_((QUEUED, PROCESSING))).count())
+
+
+def counts_by_status() -> dict[str, int]:
+    """Jobs in the catalog by status (``/metrics`` reads it at each scrape)."""
+    with session():
+        rows = (
+            AnalysisJob.select(AnalysisJob.status, fn.COUNT(AnalysisJob.id))
+            .group_by(AnalysisJob.status)
+            .tuples()
+        )
+        return {str(status): int(count) for status, count in rows}

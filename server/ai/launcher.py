@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from server import metrics
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class WorkerLauncher:
                     self.procs[n] = None
                     continue
                 log.error("AI worker %d exited with %s; restarting it", proc.pid, proc.returncode)
+                metrics.process_dead(proc.pid)
                 if self._stop.wait(backoff[n]):
                     return
                 backoff[n] = min(backoff[n] * 2, 60.0)

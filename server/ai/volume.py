@@ -55,7 +55,7 @@ def load_series(
         stored = stored_instances(study_uid, series_uid, institution=institution)
     if not stored:
         raise BrokenSeries(f"series {series_uid} has no stored instances")
-    datasets: list[Dataset] = [dcmread(storage.path_of(s.file_path)) for s in stored]
+    datasets: list[Dataset] = [dcmread(storage.local_path(s.file_path)) for s in stored]
     if len(datasets) < 3:
         raise BrokenSeries(f"series has {len(datasets)} slices; a volume needs at least 3")
     first = datasets[0]

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from server import metrics
 from server.ai import jobs, trigger
 from server.ai.analysis import Findings, NothingFound, findings
 from server.ai.launcher import EXIT_NOT_INSTALLED
@@ -120,6 +121,10 @@ class Worker:
     def process(self, job: jobs.Claimed) -> None:
         log.info("job %s: series %s (attempt %d)", job.id, job.series_uid, job.attempt)
         beat = _Heartbeat(job.id, self.id, self.settings.ai_lease)
+        # Process CPU time, not the thread's: torch runs inference on threads of its own, and a
+        # worker runs one job at a time.
+        cpu_started = time.process_time()
+        outcome = "failed"
         try:
             result = self._analyse(job, beat)
         except BrokenSeries as exc:
@@ -127,17 +132,23 @@ class Worker:
         except NothingFound as exc:
             jobs.fail(job.id, self.id, str(exc), retry=False)
         except LostJob:
+            outcome = "lost"
             log.warning("job %s was taken over by another worker; this attempt stops", job.id)
         except Exception as exc:
+            outcome = "error"
             log.exception("job %s failed", job.id)
             jobs.fail(job.id, self.id, f"{type(exc).__name__}: {exc}", retry=True)
         else:
+            outcome = "completed"
             if not jobs.complete(
                 job.id, self.id, result[0], inference_seconds=result[1], device=result[2]
             ):
+                outcome = "lost"
                 log.warning("job %s was taken over by another worker before it finished", job.id)
         finally:
             beat.stop()
+            metrics.AI_JOB_CPU_SECONDS.observe(time.process_time() - cpu_started)
+            metrics.AI_JOBS_PROCESSED.labels(outcome).inc()
 
     def _infer(self, volume: Volume, beat: _Heartbeat) -> tuple[Any, str]:
         def progress(fraction: float) -> None:
@@ -181,6 +192,8 @@ class Worker:
         t0 = time.monotonic()
         probabilities, device = self._infer(volume, beat)
         inference_seconds = time.monotonic() - t0
+        if str(device).startswith("cuda"):
+            metrics.AI_JOB_GPU_SECONDS.observe(inference_seconds)
         _maybe_pause("inferred")
         beat.set("measuring", 0.8, force=True)
         config = job.config.get("config") or {}
@@ -347,6 +360,7 @@ def main(settings: Settings, parent_pid: int | None = None) -> int:
         return EXIT_NOT_INSTALLED
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every copied module
     archive = open_archive(settings)
+    metrics.process_started("ai_worker")
     worker = Worker(archive, segmenter)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stopping.set())

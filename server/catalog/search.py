@@ -81,14 +81,26 @@ def _column(attr: Attribute, ci_pn: bool) -> Any:
     return getattr(model, attr.column)
 
 
+_INT_RANGE = range(-(2**31), 2**31)  # IS (PS3.5 6.2); the catalog's integer columns hold it
+
+
+def _integer(value: str, what: str) -> int:
+    """An integer key value; one that is not a number, or is out of the IS range (which the
+    database driver would fail on: an HTTP 500 found by tools/fuzz.py), is a QueryError."""
+    try:
+        number = int(float(value))
+    except (ValueError, OverflowError):
+        raise QueryError(f"{value!r} is not a valid {what}") from None
+    if number not in _INT_RANGE:
+        raise QueryError(f"{value!r} is out of range for {what}")
+    return number
+
+
 def _term_sql(col: Any, vr: str, term: Term, fold: bool) -> Any:
     value = term.value.upper() if fold else term.value
     if term.kind is MatchKind.SINGLE:
         if vr in INTEGER_VRS:
-            try:
-                return col == int(float(value))
-            except ValueError:
-                raise QueryError(f"{value!r} is not a valid {vr} value") from None
+            return col == _integer(value, f"{vr} value")
         return col == value
     if term.kind is MatchKind.WILDCARD:
         # Spelled as raw SQL: Peewee rewrites the LIKE operator to GLOB on SQLite.
@@ -215,10 +227,7 @@ def _where(query: Query, in_sql: list[tuple[Constraint, Attribute]]) -> list[Any
             continue
         if attr.column in _PATIENT_COUNTS:
             term = c.terms[0]
-            try:
-                conds.append(_patient_count_sql(attr.column) == int(term.value))
-            except ValueError:
-                raise QueryError(f"{term.value!r} is not a valid count") from None
+            conds.append(_patient_count_sql(attr.column) == _integer(term.value, "count"))
             continue
         conds.append(_constraint_sql(c, attr, query.case_insensitive_pn))
     return conds

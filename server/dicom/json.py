@@ -21,6 +21,7 @@ import orjson
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 BULK_DATA_THRESHOLD = 1024
 
@@ -128,12 +129,73 @@ def to_json(ds: Dataset) -> dict[str, Any]:
                 raise _Fallback
             out[key] = _raw_json(raw, vr, utf8)
         except (_Fallback, KeyError, ValueError, UnicodeDecodeError):
-            element = ds[tag]
-            if element.VR == "SQ":
-                out[key] = {"vr": "SQ", "Value": [to_json(item) for item in element.value]}
+            try:
+                element = ds[tag]
+                if element.VR != "SQ":
+                    out[key] = element.to_json_dict(_bulk_uri, BULK_DATA_THRESHOLD)
+                    continue
+            except (RecursionError, MemoryError):
+                raise
+            except Exception:
+                out[key] = _lenient(raw, tag)
                 continue
-            out[key] = element.to_json_dict(_bulk_uri, BULK_DATA_THRESHOLD)
+            out[key] = {"vr": "SQ", "Value": [to_json(item) for item in element.value]}
     return out
+
+
+_LENIENT_TEXT = _ASCII_TEXT | _CHARSET_TEXT | _UNSPLIT_TEXT | {"PN", "IS", "DS", "DT", "LT"}
+
+
+def _lenient(raw: Any, tag: Any) -> dict[str, Any]:
+    """An element pydicom cannot convert either (found by tools/fuzz.py: a multi-valued PN
+    with an empty value, IS/DS text that is not a number, a VR that does not exist, a
+    value whose length does not fit its VR). The file keeps the bytes as received; the
+    metadata gets what can be read: text as text, unreadable numbers and empty values as null
+    (PS3.18 F.2.5), and anything else as UN bytes."""
+    vr = str(getattr(raw, "VR", "") or "")
+    if vr not in _LENIENT_TEXT:
+        try:
+            vr = vr if vr in _NUMBERS or vr in _BINARY else dictionary_VR(tag)
+        except KeyError:
+            vr = "UN"
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes | bytearray):
+        if vr not in _LENIENT_TEXT:
+            data = bytes(value)
+            if not data or len(data) > BULK_DATA_THRESHOLD:
+                return {"vr": "UN"}
+            return {"vr": "UN", "InlineBinary": base64.b64encode(data).decode("ascii")}
+        text = bytes(value).decode("utf-8", "replace").strip(" \0")
+        texts = [text] if vr in _UNSPLIT_TEXT else text.split("\\")
+    elif isinstance(value, list | tuple | MultiValue):
+        texts = [str(v) for v in value]
+    else:
+        texts = [] if value is None else [str(value)]
+    values: list[Any] = []
+    for text in (t.strip(" \0") for t in texts):
+        if not text:
+            values.append(None)
+        elif vr == "PN":
+            values.append({"Alphabetic": text})
+        elif vr in ("IS", "DS"):
+            values.append(_number(text, vr))
+        else:
+            values.append(text)
+    if vr not in _LENIENT_TEXT or all(v is None for v in values):
+        return {"vr": vr}
+    return {"vr": vr, "Value": values}
+
+
+def _number(text: str, vr: str) -> int | float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
+    if vr == "IS":
+        return int(number) if number.is_integer() and abs(number) < 2**31 else None
+    return number
 
 
 def text_values(element: dict[str, Any] | None) -> list[str]:

@@ -4,6 +4,11 @@ Storage accepts every SOP class (pynetdicom's unrestricted storage service: newe
 as Label Map SEG are not in its tables) in whatever transfer syntax the modality proposes first,
 and stores it as received.  Every socket gets TCP_NODELAY: DIMSE exchanges many small PDUs and
 Nagle's algorithm costs an order of magnitude in throughput.
+
+The DICOM TLS port (PS3.15 Annex B, ``[tls] dicom_port``) is a second server on the same AE
+settings whose accepted connections are wrapped in TLS (server/tls.py); the handshake runs on
+the association's thread, not the acceptor's, so a client that never finishes it cannot stop
+others from connecting.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from typing import Any, cast
@@ -29,9 +35,11 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from server import tls
 from server.archive import Archive
+from server.audit import AuditLog
 from server.config import Settings
-from server.dimse import fastpath, polling, retrieve, transport
+from server.dimse import fastpath, polling, retrieve, slots, strict, tracking, transport
 from server.dimse.handlers import Handlers
 from server.dimse.worklist import MWL_FIND, WorklistHandlers
 from server.errors import ConfigError
@@ -52,6 +60,8 @@ polling.install()
 retrieve.install()
 fastpath.install()
 transport.install()
+slots.install()
+strict.install()
 # Identifiers can hold patient data; they go to the audit trail, not to the debug log.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -77,12 +87,34 @@ AssociationSocket._create_socket = _create_socket_nodelay  # type: ignore[method
 
 
 class NoDelayServer(ThreadedAssociationServer):
-    """The AE's listening server: TCP_NODELAY on every accepted connection."""
+    """The AE's listening server: TCP_NODELAY on every accepted connection, and TLS on them
+    when ``tls_context`` is set (the DICOM TLS port)."""
+
+    tls_context: ssl.SSLContext | None = None
+    audit: AuditLog | None = None  # where refused TLS handshakes are recorded
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
         _nodelay(client)
+        if self.tls_context is not None:
+            # No I/O here: the handshake runs in process_request_thread.
+            client = self.tls_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            failure = tls.accept(request, self.ae.acse_timeout or 30.0)
+            if failure is not None:
+                peer = f"{client_address[0]}:{client_address[1]}"
+                log.warning("TLS handshake with %s refused: %s", peer, failure)
+                if self.audit is not None:
+                    self.audit.record("dimse.tls", "-", "denied", peer=peer, reason=failure)
+                with contextlib.suppress(OSError):
+                    request.close()
+                return
+        super().process_request_thread(request, client_address)
 
 
 def build_ae(settings: Settings) -> AE:
@@ -118,8 +150,8 @@ def event_handlers(archive: Archive) -> Any:
     def find(event: evt.Event) -> Iterator[Any]:
         """C-FIND: the worklist model to the worklist, the others to the archive's handler."""
         if event.request.AffectedSOPClassUID == MWL_FIND:
-            return w.find(event)
-        return h.find(event)
+            return tracking.timed_find(w.find(event), "worklist")
+        return tracking.timed_find(h.find(event), "query_retrieve")
 
     return [
         (evt.EVT_C_STORE, h.store),
@@ -129,6 +161,7 @@ def event_handlers(archive: Archive) -> Any:
         (evt.EVT_N_CREATE, w.n_create),
         (evt.EVT_N_SET, w.n_set),
         (evt.EVT_CONN_CLOSE, h.closed),
+        *tracking.HANDLERS,
     ]
 
 
@@ -148,23 +181,37 @@ class InheritedSocketServer(NoDelayServer):
         pass  # the parent already called listen()
 
 
-def start_dimse(archive: Archive, listen_fd: int | None = None) -> NoDelayServer:
+def start_dimse(
+    archive: Archive,
+    listen_fd: int | None = None,
+    tls_context: ssl.SSLContext | None = None,
+    ae: AE | None = None,
+) -> NoDelayServer:
     """Start serving in a background thread; the caller shuts the returned server down.
 
-    With ``listen_fd`` the AE accepts on that inherited socket instead of binding its own.
+    With ``listen_fd`` the AE accepts on that inherited socket instead of binding its own; with
+    ``tls_context`` it is the DICOM TLS port (PS3.15 Annex B) and every connection speaks TLS.
+    Pass the first server's ``ae`` to the second so that both ports share one association
+    limit.
     """
     settings = archive.settings
-    ae = build_ae(settings)
+    ae = ae or build_ae(settings)
     server_class: type[NoDelayServer] = NoDelayServer
     if listen_fd is not None:
         server_class = type("Inherited", (InheritedSocketServer,), {"listen_fd": listen_fd})
-    server = ae.make_server(
-        (settings.bind_address, settings.dimse_port),
-        evt_handlers=event_handlers(archive),
-        server_class=server_class,
+    port = settings.dimse_port if tls_context is None else settings.tls_dicom_port
+    server = cast(
+        NoDelayServer,
+        ae.make_server(
+            (settings.bind_address, port),
+            evt_handlers=event_handlers(archive),
+            server_class=server_class,
+        ),
     )
+    server.tls_context = tls_context
+    server.audit = archive.audit
     # make_server() does not register the server with the AE (start_server() does), and
     # AssociationServer.shutdown() expects to find itself there.
     ae._servers.append(server)
     threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
-    return cast(NoDelayServer, server)
+    return server

@@ -28,6 +28,7 @@ from server.dicom.response import encode_identifier, identifier_elements
 
 _FLUSH_BYTES = 64 * 1024  # also how often a C-CANCEL is noticed
 COMMAND_LAST = 0x03  # message control header: command, last fragment
+COMMAND_MORE = 0x01
 DATA_LAST = 0x02
 DATA_MORE = 0x00
 
@@ -67,8 +68,14 @@ def pdata_message(context_id: int, command: bytes, data: bytes, max_length: int)
     data_item = pdv(context_id, DATA_LAST, data)
     if not max_length or len(command_item) + len(data_item) <= max_length:
         return pdu(command_item + data_item)
-    out = [pdu(command_item)]
-    room = max_length - 6
+    # The command set is fragmented too: a peer may take PDUs smaller than it (PS3.8 D.1 allows
+    # any maximum length; found by tools/fuzz.py, which offers 7 bytes).
+    room = max(1, max_length - 6)
+    out = []
+    for start in range(0, len(command), room):
+        last = start + room >= len(command)
+        fragment = command[start : start + room]
+        out.append(pdu(pdv(context_id, COMMAND_LAST if last else COMMAND_MORE, fragment)))
     for start in range(0, len(data), room):
         chunk = data[start : start + room]
         last = start + room >= len(data)

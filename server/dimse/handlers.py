@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelMove,
 )
 
+from server import tls
 from server.archive import Archive
 from server.audit import subjects
 from server.catalog.db import session
@@ -32,7 +33,7 @@ from server.catalog.search import RetrieveItem, retrieve_items, search
 from server.dicom.query import Model, Query, parse_identifier
 from server.dimse.fastpath import part10, send_find_pending
 from server.dimse.retrieve import StoredFile
-from server.errors import IngestError, QueryError
+from server.errors import DatasetMismatch, IngestError, QueryError
 
 log = logging.getLogger(__name__)
 _PATIENT_ROOT = {
@@ -126,6 +127,12 @@ class Handlers:
             return failure(0xA700, f"{_calling(event)} may not store here")
         try:
             request = cast(C_STORE, event.request)
+            if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
+                # The file meta would name one class and the data set another (tools/fuzz.py).
+                raise DatasetMismatch(
+                    f"Affected SOP Class UID is not the presentation context's: "
+                    f"{request.AffectedSOPClassUID} vs {event.context.abstract_syntax}"
+                )
             received = cast(BytesIO, request.DataSet)
             sop_instance = str(request.AffectedSOPInstanceUID or "")
             result = self.archive.ingestor.ingest(
@@ -163,11 +170,19 @@ class Handlers:
         """The request's identifier as a query. An AE bound to an institution (``institution``
         in peers.toml) queries and retrieves that institution's studies only; an AE without
         one sees the whole archive, as before tenants existed."""
-        query = parse_identifier(
-            event.identifier,
-            self._model(event),
-            case_insensitive_pn=self.settings.case_insensitive_pn,
-        )
+        try:
+            query = parse_identifier(
+                event.identifier,
+                self._model(event),
+                case_insensitive_pn=self.settings.case_insensitive_pn,
+            )
+        except QueryError:
+            raise
+        except Exception as exc:
+            # pydicom raises many kinds of errors on identifiers it cannot decode (found by
+            # tools/fuzz.py); they are a failure status, as for the worklist, not a traceback.
+            log.warning("C-FIND from %s: undecodable identifier: %s", _calling(event), exc)
+            raise QueryError(f"cannot decode the identifier: {exc}", 0xC000) from exc
         institution = self.settings.institution_of(_calling(event))
         return replace(query, institution=institution) if institution else query
 
@@ -181,12 +196,24 @@ class Handlers:
             self.audit.record("dimse.find", _calling(event), "denied", peer=_peer(event))
             yield failure(0xC001, f"{_calling(event)} may not query"), None
             return
+        cap = self.settings.max_query_results
         try:
             query = self._query(event)
+            if cap:
+                query = replace(query, limit=cap, offset=0)
             with session():
-                matches = search(query).matches
+                result = search(query)
         except QueryError as exc:
             yield failure(exc.status, str(exc)), None
+            return
+        matches = result.matches
+        if result.truncated:
+            # PS3.4 C.4.1.1.4 "Refused: Out of Resources": a query this wide would flood the
+            # caller; it is told to narrow the keys rather than handed an arbitrary subset.
+            self.audit.record(
+                "dimse.find", _calling(event), "refused", peer=_peer(event), keys=_keys(query)
+            )
+            yield failure(0xA700, f"more than {cap} matches; add matching keys"), None
             return
         self.audit.record(
             "dimse.find",
@@ -225,7 +252,7 @@ class Handlers:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            path: Path = self.archive.storage.path_of(item.file_path)
+            path: Path = self.archive.storage.local_path(item.file_path)
             yield (
                 0xFF00,
                 StoredFile(
@@ -259,6 +286,7 @@ class Handlers:
             {
                 "contexts": _contexts_for(items),
                 "ae_title": destination.ae_title,
+                "tls_args": tls.client_args(self.settings, destination),  # PS3.15 Annex B
             },
         )
         yield len(items)

@@ -19,8 +19,10 @@ now wakes 50 times a second instead of 1,000.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +32,9 @@ from typing import Any
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
+from pynetdicom.pdu import A_ABORT_RQ
 
+log = logging.getLogger(__name__)
 _POLL = 0.001  # pynetdicom's poll interval: the sleeps we take over
 _TIMEOUT = 0.02  # how long a wait may last when nothing wakes it (timers, kill flags)
 
@@ -51,6 +55,8 @@ def _dul_wait(dul: Any, timeout: float) -> None:
     transport = getattr(dul, "socket", None)
     sock = getattr(transport, "socket", None)
     if sock is not None and sock.fileno() >= 0:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes wait inside OpenSSL, where select cannot see them
         fds.append(sock)
     try:
         ready, _, _ = select.select(fds, [], [], timeout)
@@ -144,11 +150,58 @@ def _send_pdu(self: DULServiceProvider, primitive: Any) -> None:
 
 def _do_action(self: StateMachine, event: str) -> None:
     """Every DUL event (a PDU in, a release or abort, the connection closing) may give the
-    association thread something to do: wake it."""
-    _original_do_action(self, event)
-    state = self.dul._assoc.__dict__.get("_park")
+    association thread something to do: wake it.
+
+    Two cases pynetdicom leaves to its timeouts are ended here (found by tools/fuzz.py):
+
+    * an action that raises (an A-ASSOCIATE-RQ with an even presentation context id, a P-DATA
+      command set it cannot decode) killed the DUL thread, which pynetdicom only guards
+      against for socket reads; it is now handled as pynetdicom handles those: an A-ABORT to
+      the peer and the association ends;
+    * a connection that closed or was aborted before its A-ASSOCIATE-RQ arrived left the
+      association thread waiting for one for the whole ACSE timeout, holding one of the
+      ``max_associations`` slots: 64 bare TCP connects (a port scan, a load balancer's health
+      check) made the AE refuse every association for 30 seconds.
+    """
+    dul = self.dul
+    try:
+        _original_do_action(self, event)
+    except Exception as exc:  # pynetdicom has logged it with its traceback
+        log.warning(
+            "DUL action for %s in %s failed, association aborted: %r",
+            event,
+            self.current_state,
+            exc,
+        )
+        with contextlib.suppress(Exception):
+            abort = A_ABORT_RQ()
+            abort.source = 0x02
+            abort.reason_diagnostic = 0x00
+            if dul.socket is not None:
+                dul.socket.send(abort.encode())
+        assoc = dul.assoc
+        assoc.is_aborted, assoc.is_established, assoc._kill = True, False, True
+        dul._kill_thread = True
+        _release_acceptor(dul)
+    if self.current_state in ("Sta1", "Sta13"):
+        _release_acceptor(dul)
+    state = dul._assoc.__dict__.get("_park")
     if state is not None:
         state.wake.set()
+
+
+def _release_acceptor(dul: Any) -> None:
+    """Wake an acceptor's association thread that still waits for the A-ASSOCIATE-RQ (it
+    takes ``None`` for its timeout, closes the connection and ends)."""
+    assoc = dul.assoc
+    if (
+        assoc.is_acceptor
+        and assoc.requestor.primitive is None
+        and dul.to_user_queue.empty()
+        and not dul.__dict__.get("_acceptor_released")
+    ):
+        dul.__dict__["_acceptor_released"] = True
+        dul.to_user_queue.put(None)
 
 
 def install() -> None:

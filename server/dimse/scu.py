@@ -1,4 +1,6 @@
-"""Outgoing DIMSE: C-ECHO and C-STORE to configured peers (the ``echo`` and ``send`` commands)."""
+"""Outgoing DIMSE: C-ECHO and C-STORE to configured peers (the ``echo`` and ``send`` commands).
+
+A peer with ``tls = true`` in peers.toml is reached over TLS (PS3.15 Annex B, server/tls.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from server import tls
 from server.config import Peer, Settings
 
 
@@ -29,13 +33,24 @@ def _ae(settings: Settings) -> AE:
     return ae
 
 
+def _associate(settings: Settings, ae: AE, peer: Peer) -> Association:
+    """An established association with ``peer`` (over TLS when it has ``tls = true``); raises
+    ConnectionError otherwise."""
+    args = tls.client_args(settings, peer)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=args)
+    if not assoc.is_established:
+        over = " over TLS" if args else ""
+        raise ConnectionError(
+            f"association with {peer.ae_title} at {peer.host}:{peer.port}{over} failed"
+        )
+    return assoc
+
+
 def echo(settings: Settings, peer: Peer) -> int:
     """C-ECHO the peer; returns the DIMSE status (or raises ConnectionError)."""
     ae = _ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise ConnectionError(f"association with {peer.ae_title} at {peer.host}:{peer.port} failed")
+    assoc = _associate(settings, ae, peer)
     try:
         status = assoc.send_c_echo()
         return int(status.Status) if status else -1
@@ -63,9 +78,7 @@ def send_files(
     report = SendReport()
     if not files:
         return report
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise ConnectionError(f"association with {peer.ae_title} at {peer.host}:{peer.port} failed")
+    assoc = _associate(settings, ae, peer)
     try:
         for n, (path, _, _) in enumerate(headers, start=1):
             status = assoc.send_c_store(dcmread(path))

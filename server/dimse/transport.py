@@ -15,20 +15,28 @@ from typing import cast
 
 from pynetdicom.transport import AssociationSocket
 
+# The most a PDU's length field alone makes us allocate. The field comes from the peer before
+# anything is known about it: preallocating what it claims (up to 4 GiB with max_pdu = 0) let a
+# 6-byte PDU header pin gigabytes per connection (found by tools/fuzz.py). Beyond this, the
+# buffer grows with what actually arrives, at most doubling each time.
+FIRST_ALLOCATION = 4 << 20
+
 
 def recv_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
     """``nr_bytes`` from ``sock``, or fewer if the peer closed the connection first (the
     caller tells a short read from a complete one by its length, as pynetdicom does).
 
     Raises what ``socket.recv_into`` raises (``TimeoutError``, ``OSError``)."""
-    buffer = bytearray(nr_bytes)
+    buffer = bytearray(min(nr_bytes, FIRST_ALLOCATION))
     received = 0
-    with memoryview(buffer) as view:
-        while received < nr_bytes:
-            count = sock.recv_into(view[received:], nr_bytes - received)
-            if not count:
-                break
-            received += count
+    while received < nr_bytes:
+        if received == len(buffer):
+            buffer.extend(bytes(min(nr_bytes, 2 * received) - received))
+        with memoryview(buffer) as view:
+            count = sock.recv_into(view[received:])
+        if not count:
+            break
+        received += count
     if received < nr_bytes:
         del buffer[received:]
     return buffer

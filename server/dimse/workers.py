@@ -6,6 +6,7 @@ already in use is a clear error, and no second server can silently share it as S
 would allow) and starts worker processes that inherit the socket and accept from it; the kernel
 hands each new association to one of them.  Workers die with the parent (PR_SET_PDEATHSIG), so
 killing the server kills all of it, and the parent restarts a worker that dies on its own.
+The DICOM TLS port (``[tls] dicom_port``), when there is one, is bound and shared the same way.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from server import metrics
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,13 @@ def worker_count(settings: Settings) -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def listen(settings: Settings) -> socket.socket:
-    """The shared listening socket (raises OSError when the port is taken)."""
+def listen(settings: Settings, port: int | None = None) -> socket.socket:
+    """The shared listening socket on ``port`` (default: the DICOM port); raises OSError when
+    the port is taken."""
     family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.bind_address, settings.dimse_port))
+    sock.bind((settings.bind_address, settings.dimse_port if port is None else port))
     sock.listen(128)
     # Non-blocking: when two workers wake for one connection, the loser's accept() fails at
     # once (socketserver ignores that) instead of hanging its acceptor thread.
@@ -62,26 +65,28 @@ class Supervisor:
     def __init__(
         self,
         argv: Sequence[str],
-        sockets: Sequence[socket.socket],
+        sockets: Mapping[str, socket.socket],
         count: int,
         database_url: str = "",
     ) -> None:
         self.argv = list(argv)
         self.database_url = database_url
-        self.sockets = list(sockets)  # DIMSE, then HTTP
+        self.sockets = dict(sockets)  # the worker's option (--listen-fd, ...) -> the socket
         self.count = count
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stopping = threading.Event()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        dimse, http = (s.fileno() for s in self.sockets)
-        cmd = [*self.argv, "--listen-fd", str(dimse), "--http-fd", str(http)]
+        cmd = list(self.argv)
+        for option, sock in self.sockets.items():
+            cmd += [option, str(sock.fileno())]
         cmd += ["--parent-pid", str(os.getpid())]
         env = dict(os.environ)
         if self.database_url:
             # Not on the command line: the URL may hold a password, and /proc shows argv to all.
             env["IMAGING_DATABASE_URL"] = self.database_url
-        return subprocess.Popen(cmd, pass_fds=(dimse, http), env=env)
+        fds = tuple(s.fileno() for s in self.sockets.values())
+        return subprocess.Popen(cmd, pass_fds=fds, env=env)
 
     def start(self) -> None:
         self.procs = [self._spawn() for _ in range(self.count)]
@@ -99,6 +104,7 @@ class Supervisor:
                     self.stop()
                     return 2
                 log.error("DIMSE worker %d exited with %s; restarting it", proc.pid, code)
+                metrics.process_dead(proc.pid)  # its live gauges go; counters stay
                 self.procs[n] = self._spawn()
         return 0
 

@@ -29,6 +29,8 @@ from server.web.api.worklists import worklist_routes
 from server.web.dicomweb.routes import PREFIX, dicomweb_routes
 from server.web.health import health_routes
 from server.web.http import HTTPError, error_response
+from server.web.limits import RequestSizeLimit
+from server.web.prometheus import HttpMetricsMiddleware, metrics_routes
 from server.web.ws import websocket_routes
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,13 @@ def build_app(archive: Archive) -> Starlette:
         *health_routes(archive),
         *websocket_routes(archive),
     ]
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(RequestSizeLimit, max_bytes=settings.max_request_mb * 1024 * 1024),
+    ]
+    if settings.metrics_enabled:
+        routes += metrics_routes(archive)
+        middleware.append(Middleware(HttpMetricsMiddleware))
     if (settings.viewer_dir / "index.html").is_file():
         from server.web.viewer import viewer_routes
 
@@ -104,7 +113,7 @@ def build_app(archive: Archive) -> Starlette:
         routes.append(Route("/", home))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware), *_cors(settings.cors_origins)],
+        middleware=[*middleware, *_cors(settings.cors_origins)],
         exception_handlers={
             HTTPError: _http_error,
             ApiError: api_error_handler,

@@ -11,8 +11,6 @@ data).
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 from typing import Any
 
@@ -41,17 +39,7 @@ def readiness(archive: Archive) -> tuple[bool, dict[str, Any]]:
         with session():
             database.execute_sql("SELECT 1").fetchone()
 
-    def storage() -> None:
-        probe = archive.storage.tmp / f"ready-{secrets.token_hex(4)}.probe"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, b"ready")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            probe.unlink(missing_ok=True)
-
-    checks = {"catalog": _timed(catalog), "storage": _timed(storage)}
+    checks = {"catalog": _timed(catalog), "storage": _timed(archive.storage.probe)}
     ready = all(c["ok"] for c in checks.values())
     body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": checks}
     if checks["catalog"]["ok"]:

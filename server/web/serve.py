@@ -2,7 +2,9 @@
 
 ``serve`` binds the HTTP port once, in the parent, and every worker process runs an event loop
 accepting from that same socket (as the DIMSE side does), so HTTP requests are spread over the
-cores the same way associations are.
+cores the same way associations are.  With ``[tls] https = true`` the port speaks HTTPS only
+(and WebSockets wss), with the certificate, CAs and cipher suites of the DICOM TLS port
+(server/tls.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import signal
 import socket
 from collections.abc import Generator
+from typing import Any
 
 import uvicorn
 
@@ -35,20 +38,41 @@ class _Server(uvicorn.Server):
         yield
 
 
+def https_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS options for ``[tls] https = true`` (none otherwise).  uvicorn builds the
+    context from them (Python's defaults: TLS 1.2 at least); the cipher suites are ours."""
+    if not settings.tls_https:
+        return {}
+    from server import tls
+
+    return {
+        "ssl_certfile": settings.tls_certificate,
+        "ssl_keyfile": settings.tls_private_key,
+        "ssl_ca_certs": settings.tls_ca_certificates,
+        "ssl_cert_reqs": tls.client_verify_mode(settings),
+        "ssl_ciphers": tls.CIPHERS,
+    }
+
+
 def run_http(
     archive: Archive, sock: socket.socket, stop_signals: tuple[int, ...] = (signal.SIGTERM,)
 ) -> None:
-    """Serve HTTP on ``sock`` in this thread until one of ``stop_signals`` arrives."""
+    """Serve HTTP (HTTPS with ``[tls] https``) on ``sock`` in this thread until one of
+    ``stop_signals`` arrives."""
+    from server import metrics
     from server.web.app import build_app
 
+    metrics.process_started("server")
     config = uvicorn.Config(
         build_app(archive),
         lifespan="off",
         access_log=False,
+        log_config=None,  # uvicorn's records go to our root handler, in our format
         log_level="warning",
         proxy_headers=True,
         timeout_keep_alive=30,
         server_header=False,
+        **https_options(archive.settings),
     )
     server = _Server(config)
 

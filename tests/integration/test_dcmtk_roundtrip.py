@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import CT_SLICES
-from tests.dcmtk import findscu, getscu, storescu
+from tests.dcmtk import findscu, getscu, movescu, storescu
 from tests.helpers import run, storescp
 
 pytestmark = pytest.mark.usefixtures("dcmtk")
@@ -90,29 +90,18 @@ def test_store_find_move_get(
     # C-MOVE to a destination from peers.toml, with completed counts
     received = tmp_path / "moved"
     with storescp(received, port=move_port):
-        result = run(
-            [
-                "movescu",
-                "-S",
-                "-v",
-                "-aet",
-                "MOVESCU",
-                "-aec",
-                "IMAGING",
-                "-aem",
-                "STORESCP",
-                "-k",
-                "QueryRetrieveLevel=SERIES",
-                "-k",
-                f"StudyInstanceUID={study_uid}",
-                "-k",
-                f"SeriesInstanceUID={series_uid}",
-                "127.0.0.1",
-                str(server.port),
-            ]
+        log = movescu(
+            server.port,
+            "STORESCP",
+            {
+                "QueryRetrieveLevel": "SERIES",
+                "StudyInstanceUID": study_uid,
+                "SeriesInstanceUID": series_uid,
+            },
+            "-v",
+            "-aet",
+            "MOVESCU",
         )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log
     assert log.count("(Pending)") == CT_SLICES  # one pending response per sub-operation
     assert "Received Final Move Response (Success)" in log
     assert len(list(received.iterdir())) == CT_SLICES

@@ -35,6 +35,7 @@ from tests.helpers import (
 )
 from tests.helpers import write_config as make_config
 from tools.generate import StudySpec, ct_series, small_instance, uid, write
+from tools.procs import stow_body
 
 pytestmark = pytest.mark.dcmtk
 
@@ -448,13 +449,7 @@ def test_wado_unknown_resources_answer_404(archive: Archive) -> None:
 # --- STOW-RS ---------------------------------------------------------------------------------
 
 
-def _multipart(parts: list[bytes], boundary: str = "stow-boundary-1") -> tuple[bytes, str]:
-    body = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
-        for p in parts
-    )
-    body += f"--{boundary}--\r\n".encode()
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+_multipart = stow_body
 
 
 def _encoded(ds: Dataset) -> bytes:

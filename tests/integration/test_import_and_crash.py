@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pydicom import dcmread
 from tests.catalog_dump import dump, files_on_disk
 from tests.dcmtk import findscu, getscu, storescu
 from tests.helpers import ServerProcess, have, server_cli, write_config
+from tools.crash import acknowledged
 from tools.generate import StudySpec, ct_series, small_instance, write
 from tools.procs import dcmtk
 
@@ -85,22 +85,6 @@ def pg_url_factory():  # type: ignore[no-untyped-def]
         yield lambda: stack.enter_context(postgres_database())
 
 
-_SENT = re.compile(r"Sending file: (\S+)")
-
-
-def _acknowledged(log: str) -> list[str]:
-    """Files storescu saw acknowledged with Success (its -v log, in order)."""
-    acked, current = [], None
-    for line in log.splitlines():
-        sent = _SENT.search(line)
-        if sent:
-            current = sent.group(1)
-        elif "Received Store Response (Success)" in line and current:
-            acked.append(current)
-            current = None
-    return acked
-
-
 @pytest.mark.slow
 def test_sigkill_during_four_association_ingest(database_url: str, tmp_path: Path) -> None:
     if not have("storescu"):
@@ -132,14 +116,14 @@ def test_sigkill_during_four_association_ingest(database_url: str, tmp_path: Pat
     ]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        total = sum(len(_acknowledged(log.read_text())) for log in logs)
+        total = sum(len(acknowledged(log.read_text())) for log in logs)
         if total >= 60:
             break
         time.sleep(0.02)
     server.kill()  # SIGKILL, mid-ingest
     for proc in senders:
         proc.wait(60)
-    acked = [p for log in logs for p in _acknowledged(log.read_text())]
+    acked = [p for log in logs for p in acknowledged(log.read_text())]
     assert 60 <= len(acked) < 240, "the kill should land in the middle of the ingest"
     refused = [
         line

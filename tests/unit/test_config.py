@@ -45,6 +45,9 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
         ("[ae]\nport = 99999\n", "", "server.toml:2", "out of range"),
         ('[ae]\ntitle = "WAY_TOO_LONG_AE_TITLE"\n', "", "server.toml:2", "invalid AE title"),
         ('[storage]\nduplicates = "keep"\n', "", "server.toml:2", "duplicates must be"),
+        ('[storage]\ndurability = "never"\n', "", "server.toml:2", "durability must be"),
+        ('[storage]\nbackend = "ftp"\n', "", "server.toml:2", "backend must be local or s3"),
+        ('[storage]\nbackend = "s3"\n', "", "server.toml:2", "needs storage.s3_bucket"),
         ("[ae\ntitle = 1\n", "", "server.toml:1", ""),
         ("", '[[peer]]\nae_title = "A"\nhost = "h"\n', "peers.toml:", "lacks port"),
         (
@@ -74,6 +77,16 @@ def test_errors_name_file_and_line(
         load_settings(_dir(tmp_path, server, peers), environ={})
     assert where in str(info.value)
     assert message in str(info.value)
+
+
+def test_durability_sets_sqlite_synchronous(tmp_path: Path) -> None:
+    """Process-level durability drops SQLite to NORMAL unless synchronous is set explicitly."""
+    default = load_settings(_dir(tmp_path, ""), environ={})
+    assert (default.durability, default.sqlite_sync) == ("power-loss", "FULL")
+    process = load_settings(tmp_path, environ={"IMAGING_DURABILITY": "process"})
+    assert process.sqlite_sync == "NORMAL"
+    explicit = _dir(tmp_path, '[storage]\ndurability = "process"\nsqlite_synchronous = "FULL"\n')
+    assert load_settings(explicit, environ={}).sqlite_sync == "FULL"
 
 
 def test_bad_environment_value_is_named(tmp_path: Path) -> None:

@@ -76,3 +76,23 @@ def test_pdata_fragments_respect_max_length() -> None:
         offset += 6 + length
     assert payload == data
     assert pdus[-1][5] == 0x02  # last data fragment flagged
+
+
+def test_command_set_fragmented_for_tiny_max_length() -> None:
+    """A peer taking 16-byte PDUs gets the command set in fragments too (tools/fuzz.py)."""
+    command = find_rsp_command("1.2.840.10008.5.1.4.1.2.2.1", 7)
+    data = b"0123456789" * 3
+    message = pdata_message(3, command, data, max_length=16)
+    offset, got_command, got_data, headers = 0, b"", b"", []
+    while offset < len(message):
+        length = int.from_bytes(message[offset + 2 : offset + 6], "big")
+        assert length <= 16
+        item = message[offset + 6 : offset + 6 + length]
+        headers.append(item[5])
+        if item[5] & 0x01:
+            got_command += item[6:]
+        else:
+            got_data += item[6:]
+        offset += 6 + length
+    assert (got_command, got_data) == (command, data)
+    assert headers.count(0x03) == 1 and headers.count(0x02) == 1  # one last fragment each

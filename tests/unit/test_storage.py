@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from server.storage import Storage, storage_key
 
@@ -34,3 +37,19 @@ def test_finish_without_keep_removes_everything(tmp_path: Path) -> None:
     assert staged.size == 2
     storage.finish(staged, keep=False)
     assert not staged.final.exists() and not staged.part.exists()
+
+
+def test_durable_storage_fsyncs_and_process_level_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    durable = Storage(tmp_path / "a")
+    durable.finish(durable.stage(storage_key("1.2.5"), [b"x"]), keep=True)
+    assert len(calls) == 2  # the file, then its directory entry
+    calls.clear()
+    fast = Storage(tmp_path / "b", durable=False)
+    staged = fast.stage(storage_key("1.2.5"), [b"x"])
+    fast.finish(staged, keep=True)
+    assert calls == [] and staged.final.read_bytes() == b"x"

@@ -52,3 +52,35 @@ def test_installed_on_pynetdicom() -> None:
     import server.dimse.ae  # noqa: F401 - installs the patches
 
     assert AssociationSocket.recv.__module__ == "server.dimse.transport"
+
+
+def test_buffer_grows_with_what_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.dimse import transport
+
+    monkeypatch.setattr(transport, "FIRST_ALLOCATION", 1000)
+    data = bytes(range(256)) * 40  # 10,240 bytes: the buffer doubles several times
+    left, right = socket.socketpair()
+    with left, right:
+        sender = threading.Thread(target=_send_in_pieces, args=(left, data + b"NEXT", 333, False))
+        sender.start()
+        assert recv_exactly(right, len(data)) == data
+        sender.join()
+        assert recv_exactly(right, 4) == b"NEXT"
+
+
+def test_length_field_alone_allocates_little() -> None:
+    """A PDU header claiming 4 GiB, then ten bytes and a close (tools/fuzz.py found that the
+    whole claimed length used to be allocated and zeroed at once)."""
+    import tracemalloc
+
+    left, right = socket.socketpair()
+    with right:
+        _send_in_pieces(left, b"0123456789", 10, close=True)
+        tracemalloc.start()
+        try:
+            got = recv_exactly(right, 0xFFFFFFFF)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert got == b"0123456789"
+    assert peak < 64 << 20

@@ -51,7 +51,7 @@ def deidentify_routes(archive: Archive) -> list[BaseRoute]:
             raise ApiError(
                 404, "STUDY_NOT_FOUND", f"study {study_uid} not found", {"study_uid": study_uid}
             )
-        paths = [archive.storage.path_of(i.file_path) for i in items]
+        paths = [archive.storage.local_path(i.file_path) for i in items]
         new_uid, count = copy_study(archive.ingestor, paths, patient_id, patient_name, tenant)
         archive.audit.record(
             "api.deidentify",

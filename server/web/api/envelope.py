@@ -3,15 +3,14 @@ Format"): ``{"success", "data", "message", "timestamp", "request_id"}`` and, on 
 ``{"success": false, "error": {"code", "message", "details"}, ...}``.
 
 Every request gets an id (``req_`` + 16 hex digits, or the caller's ``X-Request-ID`` when it is
-sane); it is returned in the body and the ``X-Request-ID`` header and attached to every log
-record written while the request runs.
+sane); it is returned in the body and the ``X-Request-ID`` header, and the log formats of
+:mod:`server.telemetry` put it in every record written while the request runs.
 """
 
 from __future__ import annotations
 
 import contextvars
 import datetime as dt
-import logging
 import re
 import secrets
 from typing import Any
@@ -61,9 +60,18 @@ def ok(data: Any, message: str = "Operation completed successfully", status: int
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
+MAX_JSON_BODY = 16 * 1024 * 1024
+
+
 async def json_body(request: Request) -> Any:
-    """The request's JSON body (None when empty); 422 ``VALIDATION_ERROR`` when it is not JSON."""
-    raw = await request.body()
+    """The request's JSON body (None when empty); 422 ``VALIDATION_ERROR`` when it is not JSON,
+    413 ``PAYLOAD_TOO_LARGE`` past :data:`MAX_JSON_BODY` (JSON requests are small; the body is
+    read whole)."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_JSON_BODY:
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", "the JSON body is larger than 16 MiB")
     try:
         return orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
@@ -119,11 +127,3 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
-
-
-class RequestIdLogFilter(logging.Filter):
-    """Adds ``request_id`` to every log record (use ``%(request_id)s`` in formats)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = current_request_id()
-        return True

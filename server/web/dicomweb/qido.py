@@ -9,6 +9,7 @@ catalog has no column for.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -17,6 +18,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from server import metrics
 from server.archive import Archive
 from server.audit import subjects
 from server.catalog.db import session
@@ -71,6 +73,7 @@ DEFAULT_RETURN: dict[Level, tuple[int, ...]] = {
         0x00280100,  # BitsAllocated
     ),
 }
+_LEVEL_LABEL = {Level.STUDY: "study", Level.SERIES: "series", Level.IMAGE: "instance"}
 _RETRIEVE_URL = "00081190"
 _AVAILABILITY = "00080056"
 _STUDY_UID, _SERIES_UID, _SOP_UID = (
@@ -198,6 +201,14 @@ class Qido:
 
     def run(self, request: Request, level: Level, scope: Sequence[tuple[int, str]]) -> Response:
         """Runs in a worker thread (the catalog is synchronous)."""
+        started = time.perf_counter()
+        try:
+            return self._run(request, level, scope)
+        finally:
+            label = _LEVEL_LABEL.get(level, "other")
+            metrics.QIDO_SECONDS.labels(label).observe(time.perf_counter() - started)
+
+    def _run(self, request: Request, level: Level, scope: Sequence[tuple[int, str]]) -> Response:
         try:
             qido = parse_qido(
                 level,
@@ -215,6 +226,13 @@ class Qido:
                     case_insensitive_pn=self.archive.settings.case_insensitive_pn,
                 )
             qido = _check_levels(qido)
+            cap = self.archive.settings.max_query_results
+            if cap and (qido.query.limit is None or qido.query.limit > cap):
+                # PS3.18 8.3.4.4: the origin server may return fewer matches than asked for;
+                # the Warning 299 below tells the client that more exist.
+                qido = QidoRequest(
+                    replace(qido.query, limit=cap), qido.include_all, qido.fuzzy_requested
+                )
             tenant = request_tenant(request)
             if tenant is not None:
                 qido = QidoRequest(

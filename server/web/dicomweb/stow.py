@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from server.ingest import IngestResult
 from server.web.http import HTTPError, client_address, json_response, parse_media_type
 from server.web.multipart import read_parts
 
+log = logging.getLogger(__name__)
 INGEST_CONCURRENCY = 8  # parts of one request being ingested at once
 MAX_PART = 2 << 30  # bytes; one instance is held in memory while it is ingested
 _DICOM = "application/dicom"
@@ -99,6 +101,7 @@ class Stow:
                     institution=institution,
                 )
             except IngestError as exc:
+                log.warning("STOW-RS part from %s refused (0x%04X): %s", actor, exc.status, exc)
                 return Failure(*_uid_values(body), exc.status, str(exc))
             except Exception as exc:  # never lose the request's other parts to one bad one
                 return Failure(*_uid_values(body), _PROCESSING_FAILURE, str(exc))
@@ -181,4 +184,8 @@ class Stow:
                 f'299 imaging-server "{len(failed)} of {len(failed) + len(stored)} instances '
                 f'were not stored: {failed[0].reason[:150]}"'.replace("\n", " ")
             )
+        if "Warning" in headers:
+            # The reasons quote the request and the data (a UID from the URL, a value from a
+            # data set); a header holds visible ASCII only (a 500 found by tools/fuzz.py).
+            headers["Warning"] = "".join(c if " " <= c <= "~" else "?" for c in headers["Warning"])
         return json_response(request, orjson.dumps(body), status, headers)

@@ -152,7 +152,7 @@ class Wado:
         return found
 
     def _path(self, item: StoredInstance) -> Path:
-        return self.archive.storage.path_of(item.file_path)
+        return self.archive.storage.local_path(item.file_path)
 
     def _frames(self, item: StoredInstance) -> Frames:
         metadata = orjson.loads(item.metadata) if item.metadata else None
@@ -194,14 +194,15 @@ class Wado:
                     f"{root}/studies/{item.study_instance_uid}/series/"
                     f"{item.series_instance_uid}/instances/{item.sop_instance_uid}",
                 )
-                path = self._path(item)
                 if syntax == item.transfer_syntax_uid:
-                    with open(path, "rb") as fh:
+                    # Straight from the backend (a local file or an S3 object's body), one
+                    # chunk at a time: a study is never held in memory.
+                    with self.archive.storage.open(item.file_path) as fh:
                         yield header + fh.read(_CHUNK)
                         while chunk := fh.read(_CHUNK):
                             yield chunk
                 else:
-                    yield header + transcode(path, syntax)
+                    yield header + transcode(self._path(item), syntax)
             yield writer.close()
 
         return StreamingResponse(body(), media_type=writer.content_type(_DICOM))
