@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -202,3 +203,58 @@ def test_store_refused_when_the_object_store_is_down(tmp_path: Path) -> None:
         store.stop()
     assert dump(server.data_dir)["Instance"] == [], "no catalog row without its object"
     assert list((server.data_dir / "tmp").iterdir()) == []
+
+
+@pytest.mark.postgres
+def test_two_nodes_share_one_bucket(seaweed: SeaweedFS, pg_url: str, tmp_path: Path) -> None:
+    """Two nodes, one PostgreSQL catalog, one bucket, each its own local data directory (its
+    journal): what A stores B serves, and one instance sent to both at once is one object."""
+    bucket = f"t{secrets.token_hex(4)}"
+    toml = _s3_toml(seaweed, bucket)
+    nodes = [
+        ServerProcess(
+            tmp_path / f"data-{n}", write_config(tmp_path / f"cfg-{n}", server=toml), pg_url
+        )
+        for n in "ab"
+    ]
+    for node in nodes:
+        node.start()
+    a, b = nodes
+    try:
+        datasets = list(ct_series(StudySpec(patient_id="S3TWO"), 10, 64))
+        for ds in datasets:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ae = AE(ae_title="S3TWO")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+        def send(node: ServerProcess, items: list[Any]) -> list[int]:
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="IMAGING")
+            statuses = [int(assoc.send_c_store(ds).Status) for ds in items]
+            assoc.release()
+            return statuses
+
+        assert send(a, datasets[:4]) == [0] * 4
+        study = str(datasets[0].StudyInstanceUID)
+        retrieved = httpx.get(
+            f"{b.dicomweb}/studies/{study}",
+            headers={"Accept": "multipart/related; type=application/dicom"},
+        )
+        assert retrieved.status_code == 200 and len(_multipart_parts(retrieved)) == 4
+        results: dict[str, list[int]] = {}
+        threads = [
+            threading.Thread(target=lambda n=n: results.setdefault(n.base_url, send(n, datasets)))
+            for n in nodes
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(s == [0] * 10 for s in results.values()), "duplicates are answered success"
+    finally:
+        for node in nodes:
+            node.stop()
+    catalog = dump(a.data_dir, pg_url)
+    assert len(catalog["Instance"]) == 10
+    assert sorted(catalog["paths"]) == sorted(
+        k.removeprefix("instances/") for k in _objects(seaweed, bucket)
+    ), "one object per instance: the loser of each race removed its own"
