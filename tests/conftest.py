@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -13,6 +14,9 @@ from tests.helpers import (
     write_config,
 )
 from tools.generate import StudySpec, ct_series, write
+
+if TYPE_CHECKING:
+    from server.archive import Archive
 
 CT_SLICES = 110
 
@@ -70,3 +74,16 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
 @pytest.fixture
 def move_port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    """An archive opened in this process on an empty data directory (SQLite)."""
+    from server.archive import close_archive, open_archive
+    from server.config import load_settings
+
+    opened = open_archive(load_settings(None, {"data_dir": str(tmp_path / "data")}, environ={}))
+    try:
+        yield opened
+    finally:
+        close_archive()

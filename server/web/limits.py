@@ -30,7 +30,10 @@ class RequestSizeLimit:
         if scope["type"] != "http" or self.max_bytes <= 0:
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = next(
+            (value for name, value in scope.get("headers") or () if name == b"content-length"),
+            None,
+        )
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             message = too_large(self.max_bytes)
             if str(scope.get("path", "")).startswith(_API_PREFIXES):

@@ -22,11 +22,10 @@ from server.ai.analysis import findings, suggest_pi_rads
 from server.ai.models import Segmenter
 from server.ai.volume import BrokenSeries, load_series
 from server.ai.worker import Worker
-from server.archive import Archive, close_archive, open_archive
+from server.archive import Archive
 from server.catalog.db import session
 from server.catalog.schema import Instance, Segmentation, Series
 from server.catalog.search import search
-from server.config import load_settings
 from server.dicom.attributes import Level
 from server.dicom.query import parse_qido
 from tools.phantom import Phantom, make_phantom, write_series
@@ -38,15 +37,6 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 @pytest.fixture(scope="module")
 def phantom() -> Phantom:
     return make_phantom(11, n_lesions=2)
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    opened = open_archive(load_settings(None, {"data_dir": str(tmp_path / "data")}))
-    try:
-        yield opened
-    finally:
-        close_archive()
 
 
 def oracle(phantom: Phantom) -> Segmenter:

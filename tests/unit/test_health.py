@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from starlette.testclient import TestClient
 
-from server.archive import Archive, close_archive, open_archive
-from server.config import load_settings
+from server.archive import Archive
 from server.web.app import build_app
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    opened = open_archive(load_settings(None, {"data_dir": str(tmp_path / "data")}))
-    try:
-        yield opened
-    finally:
-        close_archive()
 
 
 def test_health_and_ready_answer_without_a_token(archive: Archive) -> None:

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
 from server import metrics
-from server.archive import Archive, close_archive, open_archive
+from server.archive import Archive
 from server.config import load_settings
 from server.errors import ConfigError, IngestError
 from server.telemetry import JsonFormatter, LogContextFilter, association_var
@@ -25,15 +24,6 @@ from tools.generate import StudySpec, small_instance
 
 LOCAL = ("127.0.0.1", 5000)
 REMOTE = ("203.0.113.9", 5000)
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    opened = open_archive(load_settings(None, {"data_dir": str(tmp_path / "data")}, environ={}))
-    try:
-        yield opened
-    finally:
-        close_archive()
 
 
 def _value(name: str, **labels: str) -> float:
