@@ -21,6 +21,31 @@ if TYPE_CHECKING:
 CT_SLICES = 110
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from tools import procs
+
+    item.stash[_FIRST_LOG] = len(procs.STARTED_LOGS)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report ends with the log tails of the servers it started (module- and
+    session-scoped servers started before it are not shown)."""
+    from tools import procs
+
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        for path in procs.STARTED_LOGS[item.stash.get(_FIRST_LOG, 0) :]:
+            if path.exists():
+                text = path.read_text(errors="replace")[-4000:]
+                report.sections.append((f"server log {path.name} (tail)", text))
+
+
+_FIRST_LOG = pytest.StashKey[int]()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """'' selects the embedded SQLite catalog; otherwise a fresh PostgreSQL database."""

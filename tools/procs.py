@@ -214,6 +214,11 @@ def write_config(
     return directory
 
 
+# Log files of the servers started so far; the test suite shows the newest ones' tails when a
+# test fails (tests/conftest.py), so a failure seen once in CI explains itself.
+STARTED_LOGS: list[Path] = []
+
+
 @dataclass
 class OurServer:
     """``python -m server serve`` as a child process (AE title IMAGING)."""
@@ -248,6 +253,7 @@ class OurServer:
     def start(self, timeout: float = 60.0) -> OurServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir.parent / f"ours-{self.port}.log"
+        STARTED_LOGS.append(self.log_path)
         log_file: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
             [

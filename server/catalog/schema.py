@@ -360,10 +360,35 @@ AUTH_TABLES: list[Any] = [
 ]
 
 
+# pg_advisory_xact_lock key: one process at a time looks at, and changes, the schema.
+_SCHEMA_LOCK = 0x494D4147
+
+
 def create_schema() -> None:
-    """Create missing tables and indexes; refuse a catalog written by a newer schema."""
+    """Create missing tables and indexes; refuse a catalog written by a newer schema.
+
+    Every process of every node calls this when it starts, often while others are ingesting.
+    On PostgreSQL even ``CREATE INDEX IF NOT EXISTS`` takes a SHARE lock on its table before
+    it finds the index there, and a transaction holding SHARE locks on patient, study and
+    series deadlocks with an ingest that updates series then study (seen: a worker process
+    starting during a C-STORE turned one instance into 0xA700).  So only statements for what
+    is missing run, under an advisory lock that also keeps two starting processes from
+    creating the same table at once.
+    """
     with database.atomic():
-        database.create_tables([*TABLES, *AUTH_TABLES], safe=True)
+        if is_postgres():
+            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", [_SCHEMA_LOCK])
+        tables = set(database.get_tables())
+        indexes = _index_names()
+        missing = [m for m in [*TABLES, *AUTH_TABLES] if m._meta.table_name not in tables]
+        if missing:
+            database.create_tables(missing, safe=True)
+        for model in [*TABLES, *AUTH_TABLES]:
+            if model in missing:
+                continue
+            for index in model._meta.fields_to_index():
+                if index._name not in indexes:
+                    database.execute(model._schema._create_index(index, safe=True))
         if is_postgres():
             # Prefix LIKE ('LEW%') uses a btree index in PostgreSQL only with pattern ops
             # (unless the database collation is C).
@@ -371,28 +396,39 @@ def create_schema() -> None:
                 for field in model._meta.sorted_fields:
                     if isinstance(field, TextField) and not field.unique:
                         table = model._meta.table_name
-                        database.execute_sql(
-                            f'CREATE INDEX IF NOT EXISTS "{table}_{field.column_name}_pattern" '
-                            f'ON "{table}" ("{field.column_name}" text_pattern_ops)'
-                        )
+                        name = f"{table}_{field.column_name}_pattern"
+                        if name not in indexes:
+                            database.execute_sql(
+                                f'CREATE INDEX IF NOT EXISTS "{name}" '
+                                f'ON "{table}" ("{field.column_name}" text_pattern_ops)'
+                            )
         row = SchemaInfo.select().first()
         if row is not None and row.version > SCHEMA_VERSION:
             raise RuntimeError(
                 f"catalog schema version {row.version} is newer than this server ({SCHEMA_VERSION})"
             )
-        _upgrade()
+        _upgrade(indexes)
         if row is None:
             SchemaInfo.create(version=SCHEMA_VERSION)
         elif row.version < SCHEMA_VERSION:
             SchemaInfo.update(version=SCHEMA_VERSION).execute()
 
 
-def _upgrade() -> None:
+def _index_names() -> set[str]:
+    """Names of the catalog's indexes, read from the system catalog (no table locks)."""
+    if is_postgres():
+        sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index'"
+    return {str(row[0]) for row in database.execute_sql(sql).fetchall()}
+
+
+def _upgrade(indexes: set[str]) -> None:
     for table, column, sql_type, indexed in _ADDED_COLUMNS:
         present = {c.name for c in database.get_columns(table)}
         if column not in present:
             database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type}')
-        if indexed:
+        if indexed and f"{table}_{column}" not in indexes:
             database.execute_sql(
                 f'CREATE INDEX IF NOT EXISTS "{table}_{column}" ON "{table}" ("{column}")'
             )

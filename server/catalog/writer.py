@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from peewee import IntegrityError
+from peewee import IntegrityError, OperationalError
 
 from server.catalog.db import database, is_postgres, write_transaction
 from server.catalog.schema import Instance, Patient, Series, Study
@@ -169,12 +169,36 @@ def _ensure_parents(record: InstanceRecord, now: dt.datetime) -> tuple[int, int]
     return series_id, study_id
 
 
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
+# and may simply be run again.
+_TRANSIENT = ("40P01", "40001")
+TRANSIENT_ATTEMPTS = 3
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a failure that rolled the transaction back and is worth one more attempt."""
+    original = getattr(exc, "orig", None)  # Peewee keeps the driver's exception here
+    return getattr(original, "pgcode", None) in _TRANSIENT
+
+
 def record_instance(record: InstanceRecord, *, replace: bool, _retry: bool = True) -> str | None:
     """Insert the instance in one transaction; return the file path of the version it replaced.
 
     Raises :class:`DuplicateInstance` when the UID is already catalogued and ``replace`` is false
-    (the unique index decides, so concurrent writers of one UID cannot both succeed).
+    (the unique index decides, so concurrent writers of one UID cannot both succeed).  A
+    transaction PostgreSQL aborted as a deadlock victim is run again: a lock conflict with
+    another node's maintenance must not refuse an instance.
     """
+    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        try:
+            return _record_instance(record, replace=replace, _retry=_retry)
+        except OperationalError as exc:
+            if attempt == TRANSIENT_ATTEMPTS or not is_transient(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _record_instance(record: InstanceRecord, *, replace: bool, _retry: bool) -> str | None:
     uid = record.instance["sop_instance_uid"]
     series_uid = record.series["series_instance_uid"]
     cached = parents.get(series_uid)
@@ -198,7 +222,7 @@ def record_instance(record: InstanceRecord, *, replace: bool, _retry: bool = Tru
             raise DuplicateInstance(uid) from exc  # another writer committed it first
         if cached is not None and _retry:
             parents.clear()  # the cached series is gone
-            return record_instance(record, replace=replace, _retry=False)
+            return _record_instance(record, replace=replace, _retry=False)
         raise
 
 

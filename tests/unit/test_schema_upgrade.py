@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
+
+import pytest
+from peewee import OperationalError
 
 from server.archive import close_archive, open_archive
 from server.catalog.db import database, session
@@ -33,3 +37,80 @@ def test_old_catalog_gains_the_new_columns(tmp_path: Path) -> None:
             assert SchemaInfo.select().first().version == SCHEMA_VERSION == 3
     finally:
         close_archive()
+
+
+def test_a_dropped_index_of_an_existing_table_is_made_again(tmp_path: Path) -> None:
+    settings = load_settings(None, {"data_dir": str(tmp_path / "data")})
+    open_archive(settings)
+    with session():
+        database.execute_sql('DROP INDEX "study_accession_number"')
+    close_archive()
+    open_archive(settings)
+    try:
+        with session():
+            names = {i.name for i in database.get_indexes("study")}
+            assert "study_accession_number" in names
+    finally:
+        close_archive()
+
+
+def test_opening_a_current_catalog_waits_for_no_ingest(tmp_path: Path, pg_url: str) -> None:
+    """Every process runs create_schema when it starts.  On a current PostgreSQL catalog it
+    must not lock the tables an ingest is writing: CREATE INDEX IF NOT EXISTS takes a SHARE
+    lock even for an index that exists, which deadlocked with C-STORE (0xA700 to storescu)."""
+    import psycopg2
+
+    from server.catalog.schema import create_schema
+
+    settings = load_settings(None, {"data_dir": str(tmp_path / "data"), "database_url": pg_url})
+    open_archive(settings)
+    other = psycopg2.connect(pg_url)
+    try:
+        with other.cursor() as cursor:  # an ingest in flight: row locks on every level
+            for table in ("patient", "study", "series", "instance"):
+                cursor.execute(f'LOCK TABLE "{table}" IN ROW EXCLUSIVE MODE')
+        with session():
+            database.execute_sql("SET lock_timeout = '2s'")
+            try:
+                create_schema()
+            finally:
+                database.execute_sql("RESET lock_timeout")
+    finally:
+        other.rollback()
+        other.close()
+        close_archive()
+
+
+def test_a_deadlock_victim_is_recorded_on_the_next_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL rolls back one of two deadlocked transactions (SQLSTATE 40P01); the
+    instance is recorded by running the transaction again, not refused.  Other failures, and
+    a deadlock on every attempt, still reach the caller (ingest answers 0xA700)."""
+    from server.catalog import writer
+
+    class Deadlock(Exception):
+        pgcode = "40P01"
+
+    failures: list[Exception] = []
+    calls: list[int] = []
+
+    def record(record: object, *, replace: bool, _retry: bool) -> str | None:
+        calls.append(1)
+        if failures:
+            raise OperationalError(failures.pop(0))
+        return None
+
+    monkeypatch.setattr(writer, "_record_instance", record)
+    some = cast(writer.InstanceRecord, object())
+    failures[:] = [Deadlock("deadlock detected")] * (writer.TRANSIENT_ATTEMPTS - 1)
+    assert writer.record_instance(some, replace=False) is None
+    assert len(calls) == writer.TRANSIENT_ATTEMPTS
+    calls.clear()
+    failures[:] = [Deadlock("deadlock detected")] * writer.TRANSIENT_ATTEMPTS
+    with pytest.raises(OperationalError):
+        writer.record_instance(some, replace=False)
+    assert len(calls) == writer.TRANSIENT_ATTEMPTS
+    calls.clear()
+    failures[:] = [ValueError("connection lost")]
+    with pytest.raises(OperationalError):
+        writer.record_instance(some, replace=False)
+    assert len(calls) == 1
