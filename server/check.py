@@ -191,12 +191,16 @@ def _check_counters(report: CheckReport, repair: bool) -> None:
                         Series.id == series.id
                     ).execute()
                 finding.repaired = "recounted"
+    # One pass over the series (after the repairs above) instead of a query per study.
+    by_study: dict[int, list[tuple[str | None, int | None]]] = {}
+    for study_id, modality, instances in (
+        Series.select(Series.study, Series.modality, Series.number_of_series_related_instances)
+        .tuples()
+        .iterator()
+    ):
+        by_study.setdefault(study_id, []).append((modality, instances))
     for study in Study.select().iterator():
-        rows = list(
-            Series.select(Series.modality, Series.number_of_series_related_instances)
-            .where(Series.study == study.id)
-            .tuples()
-        )
+        rows = by_study.get(study.id, [])
         if not rows:
             finding = report.add("empty_study", study.study_instance_uid)
             if repair:
@@ -217,8 +221,9 @@ def _check_counters(report: CheckReport, repair: bool) -> None:
                 with write_transaction():
                     Study.update(**want).where(Study.id == study.id).execute()
                 finding.repaired = "recounted"
+    with_studies = {row[0] for row in Study.select(Study.patient).distinct().tuples().iterator()}
     for patient in Patient.select(Patient.id, Patient.patient_key).iterator():
-        if not Study.select().where(Study.patient == patient.id).exists():
+        if patient.id not in with_studies:
             finding = report.add("empty_patient", patient.patient_key)
             if repair:
                 with write_transaction():

@@ -4,6 +4,7 @@ at once is stored once, with no file left over."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from pathlib import Path
@@ -125,3 +126,65 @@ def test_second_node_does_not_recover_under_a_live_one(pg_url: str, tmp_path: Pa
         in_flight.unlink()
     finally:
         a.stop()
+
+
+def _log_says(server: ServerProcess, text: str) -> bool:
+    return server.log_path is not None and text in server.log_path.read_text(errors="replace")
+
+
+def test_ai_trigger_across_two_nodes(pg_url: str, tmp_path: Path) -> None:
+    """A series whose first half arrives through node A and second half through node B is
+    analysed once: both nodes' workers watch the same catalog, both see the series become
+    stable, one job is created for its complete version and one worker runs it; the SEG and SR
+    it stores are found through either node."""
+    if not have("storescu"):
+        pytest.skip("DCMTK is not installed")
+    from tests.integration.test_ai_loop import _analyses, _derived, _instance, _wait
+    from tools.phantom import make_phantom, write_series
+
+    phantom = make_phantom(515151, n_lesions=1)
+    files = write_series(phantom, tmp_path / "mr", patient_id="AI-TWO-NODES", shuffle=True)
+    # stable_age 4: the two halves are sent well within it, so no half series is analysed.
+    toml = '[ae]\ntitle = "IMAGING"\n[ai]\nstable_age = 4\npoll_interval = 0.2\nlease = 30\n'
+    config = write_config(tmp_path / "cfg", server=toml)
+    shared = tmp_path / "shared"
+    env = {"IMAGING_AI_ENABLED": "true"}
+    a = ServerProcess(shared, config, database_url=pg_url, env=env).start()
+    b = ServerProcess(shared, config, database_url=pg_url, env=env).start()
+    try:
+        # Both workers running before anything arrives, so both triggers look at the series.
+        for node in (a, b):
+            _wait(lambda node=node: _log_says(node, "AI worker"), "an AI worker on each node")
+        header = dcmread(files[0], stop_before_pixels=True)
+        study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
+        half = len(files) // 2
+        storescu(a.port, files[:half])
+        storescu(b.port, files[half:])
+        with httpx.Client(base_url=b.base_url, timeout=60) as http_b:
+            job = _wait(
+                lambda: (j := _analyses(http_b, series)) and j[-1]["status"] == "completed" and j,
+                "the analysis to complete",
+            )
+            assert len(job) == 1 and job[0]["attempts"] == 1
+            assert job[0]["trigger"] == "stable_series"
+        with httpx.Client(base_url=a.base_url, timeout=60) as http_a:
+            # Still one job after both workers have scanned many times since it completed.
+            assert len(_analyses(http_a, series)) == 1
+            derived = _derived(http_a, series)
+            assert sorted(d["00080060"]["Value"][0] for d in derived) == ["SEG", "SR"]
+            assert all(d["00201209"]["Value"][0] == 1 for d in derived)  # one instance each
+            seg_series = next(
+                d["0020000E"]["Value"][0] for d in derived if d["00080060"]["Value"][0] == "SEG"
+            )
+            seg = dcmread(io.BytesIO(_instance(http_a, study, seg_series)))
+        # The job saw the complete series: the SEG refers to every slice, from both nodes.
+        referenced = {
+            str(item.ReferencedSOPInstanceUID)
+            for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+        }
+        assert referenced == {
+            str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files
+        }
+    finally:
+        a.stop()
+        b.stop()
