@@ -16,14 +16,12 @@ import contextvars
 import datetime as dt
 import logging
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 
+from server.tempdirs import shared_directory
 from server.web.api.envelope import request_id_var
 
 association_var: contextvars.ContextVar[str] = contextvars.ContextVar("association", default="-")
@@ -90,38 +88,13 @@ def use_format(fmt: str) -> None:
         handler.setFormatter(_formatter(fmt))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def metrics_directory(enabled: bool = True) -> Iterator[Path | None]:
     """A fresh directory for the metrics of ``serve`` and its children, set as
-    ``PROMETHEUS_MULTIPROC_DIR`` in our environment (which the children inherit) and removed
-    at the end.  It is a temporary directory, not in the data directory, which several servers
-    may share; directories of servers that died without cleaning up are removed here."""
+    ``PROMETHEUS_MULTIPROC_DIR`` (which the children inherit) and removed at the end.  It is a
+    temporary directory, not in the data directory, which several servers may share."""
     if not enabled:
         yield None
         return
-    base = Path(tempfile.gettempdir())
-    for old in base.glob(_METRICS_PREFIX + "*"):
-        found = re.match(rf"{_METRICS_PREFIX}(\d+)-", old.name)
-        if found and not _alive(int(found.group(1))):
-            shutil.rmtree(old, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-"))
-    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    try:
+    with shared_directory(_METRICS_PREFIX, "PROMETHEUS_MULTIPROC_DIR") as path:
         yield path
-    finally:
-        if previous is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
-        shutil.rmtree(path, ignore_errors=True)

@@ -16,8 +16,6 @@ import fcntl
 import logging
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+
+from server.tempdirs import shared_directory
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +35,10 @@ LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)  # PS3.8 Table 9-21: transient, presen
 @contextlib.contextmanager
 def slots_directory(count: int) -> Iterator[Path]:
     """``count`` slot files in a fresh directory named in our environment, removed at the end."""
-    path = Path(tempfile.mkdtemp(prefix="imaging-slots-"))
-    for n in range(count):
-        (path / f"slot-{n:04d}").touch()
-    previous = os.environ.get(ENV)
-    os.environ[ENV] = str(path)
-    try:
+    with shared_directory("imaging-slots-", ENV) as path:
+        for n in range(count):
+            (path / f"slot-{n:04d}").touch()
         yield path
-    finally:
-        if previous is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = previous
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class Slots:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -48,3 +49,28 @@ def test_a_dead_process_gives_its_slot_back() -> None:
         fd = Slots(directory).acquire()
         assert fd is not None, "the kernel dropped the dead process's lock"
         os.close(fd)
+
+
+def test_directories_of_killed_servers_are_swept() -> None:
+    """A server killed with SIGKILL leaves its slot directory behind; the next one removes
+    it (and leaves a live server's alone)."""
+    import shutil
+    import tempfile
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    base = pathlib.Path(tempfile.gettempdir())
+    stale = base / f"imaging-slots-{int(dead.stdout)}-leftover"
+    stale.mkdir()
+    live = base / f"imaging-slots-{os.getpid()}-other"
+    live.mkdir()
+    try:
+        with slots_directory(2) as path:
+            assert sorted(p.name for p in path.iterdir()) == ["slot-0000", "slot-0001"]
+            assert not stale.exists()
+            assert live.exists()
+        assert not path.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
