@@ -74,6 +74,8 @@ class Settings:
     max_query_results: int = 10000  # C-FIND refuses (0xA700) / QIDO caps (Warning 299) beyond
     dimse_workers: int = 0  # processes accepting associations; 0 = one per core, at most 4
     accept_unknown_calling_aes: bool = True
+    # storage-only associations served by server/dimse/storage_scp.py instead of pynetdicom
+    direct_storage: bool = True
     unknown_aes_may_query: bool = True
     unknown_aes_may_retrieve: bool = True
     acse_timeout: float = 30.0
@@ -171,6 +173,7 @@ _SERVER_KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("limits", "max_query_results"): ("max_query_results", int),
     ("ae", "workers"): ("dimse_workers", int),
     ("ae", "accept_unknown_calling_aes"): ("accept_unknown_calling_aes", bool),
+    ("ae", "direct_storage"): ("direct_storage", bool),
     ("ae", "unknown_aes_may_query"): ("unknown_aes_may_query", bool),
     ("ae", "unknown_aes_may_retrieve"): ("unknown_aes_may_retrieve", bool),
     ("timeouts", "acse"): ("acse_timeout", float),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -39,8 +40,18 @@ from server import tls
 from server.archive import Archive
 from server.audit import AuditLog
 from server.config import Settings
-from server.dimse import fastpath, polling, retrieve, slots, strict, tracking, transport
-from server.dimse.handlers import Handlers
+from server.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from server.dimse import (
+    fastpath,
+    polling,
+    retrieve,
+    slots,
+    storage_scp,
+    strict,
+    tracking,
+    transport,
+)
+from server.dimse.handlers import Handlers, StoreTally
 from server.dimse.worklist import MWL_FIND, WorklistHandlers
 from server.errors import ConfigError
 
@@ -92,6 +103,7 @@ class NoDelayServer(ThreadedAssociationServer):
 
     tls_context: ssl.SSLContext | None = None
     audit: AuditLog | None = None  # where refused TLS handshakes are recorded
+    storage: StorageService | None = None  # storage-only associations without pynetdicom
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
@@ -104,6 +116,9 @@ class NoDelayServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        plain = not isinstance(request, ssl.SSLSocket)
+        if plain and self.storage is not None and self.storage.serve(request, client_address):
+            return
         if isinstance(request, ssl.SSLSocket):
             failure = tls.accept(request, self.ae.acse_timeout or 30.0)
             if failure is not None:
@@ -119,6 +134,9 @@ class NoDelayServer(ThreadedAssociationServer):
 
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
+    # The same identity in every A-ASSOCIATE-AC, whichever path negotiates it (PS3.7 D.3.3.2).
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.acse_timeout
@@ -143,8 +161,96 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def event_handlers(archive: Archive) -> Any:
-    h = Handlers(archive)
+_OTHER_SERVICES = frozenset(
+    str(uid)
+    for uid in (
+        *_QUERY_RETRIEVE,
+        ModalityWorklistInformationFind,
+        ModalityPerformedProcedureStep,
+    )
+)
+
+
+class StorageService:
+    """Decides which connections :mod:`server.dimse.storage_scp` serves, and serves them:
+    those whose A-ASSOCIATE-RQ proposes storage (and Verification) only, from a calling AE
+    the configuration accepts, while the association limit allows.  Everything else goes to
+    pynetdicom, which negotiates, rejects or aborts it as before."""
+
+    def __init__(self, ae: AE, settings: Settings, handlers: Handlers) -> None:
+        self.ae = ae
+        self.settings = settings
+        self.handlers = handlers
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def _acceptable(self, request: storage_scp.AssociateRequest) -> bool:
+        if request.extended or request.application_context != storage_scp.APPLICATION_CONTEXT:
+            return False
+        if not request.contexts or any(a in _OTHER_SERVICES for _, a, _ in request.contexts):
+            return False
+        if self.settings.accept_unknown_calling_aes:
+            return True
+        return self.settings.peer(request.calling_ae) is not None
+
+    def serve(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+        """Serve the connection and return True, or return False for pynetdicom to take it."""
+        try:
+            request = storage_scp.peek_storage_request(sock, self.settings.acse_timeout or 30.0)
+        except storage_scp.Silent:
+            # As pynetdicom's ARTIM timer would (PS3.8 9.1.5), without a second wait.
+            with contextlib.suppress(OSError):
+                sock.close()
+            return True
+        except (storage_scp.NotEligible, OSError, ValueError):
+            return False
+        if not self._acceptable(request):
+            return False
+        allowed, slot = slots.claim()
+        if not allowed:
+            return False  # pynetdicom answers with the A-ASSOCIATE-RJ
+        with self._lock:
+            local = len(self.ae.active_associations) + self._active
+            if slot is None and local >= self.settings.max_associations:
+                return False
+            self._active += 1
+        tally = StoreTally()
+        peer = f"{address[0]}:{address[1]}"
+
+        def store(
+            calling: str,
+            _peer: str,
+            context_class: str,
+            syntax: str,
+            command: storage_scp.Command,
+            data: bytes,
+        ) -> tuple[int, str | None]:
+            return self.handlers.store_received(
+                tally, calling, context_class, syntax, command.sop_class, command.sop_instance, data
+            )
+
+        def ended(outcome: str) -> None:
+            with self._lock:
+                self._active -= 1
+            if slot is not None:
+                os.close(slot)
+            if tally.stored or tally.duplicates or tally.refused:
+                self.handlers.audit_stores(request.calling_ae, peer, tally)
+
+        storage_scp.serve(
+            sock,
+            request,
+            peer,
+            store,
+            self.settings.max_pdu,
+            self.settings.network_timeout,
+            ended,
+        )
+        return True
+
+
+def event_handlers(archive: Archive, handlers: Handlers | None = None) -> Any:
+    h = handlers or Handlers(archive)
     w = WorklistHandlers(archive)
 
     def find(event: evt.Event) -> Iterator[Any]:
@@ -200,15 +306,18 @@ def start_dimse(
     if listen_fd is not None:
         server_class = type("Inherited", (InheritedSocketServer,), {"listen_fd": listen_fd})
     port = settings.dimse_port if tls_context is None else settings.tls_dicom_port
+    handlers = Handlers(archive)
     server = cast(
         NoDelayServer,
         ae.make_server(
             (settings.bind_address, port),
-            evt_handlers=event_handlers(archive),
+            evt_handlers=event_handlers(archive, handlers),
             server_class=server_class,
         ),
     )
     server.tls_context = tls_context
+    if settings.direct_storage and tls_context is None:
+        server.storage = StorageService(ae, settings, handlers)
     server.audit = archive.audit
     # make_server() does not register the server with the AE (start_server() does), and
     # AssociationServer.shutdown() expects to find itself there.

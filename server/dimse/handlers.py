@@ -68,7 +68,7 @@ def _keys(query: Query) -> dict[str, str]:
     }
 
 
-class _StoreTally:
+class StoreTally:
     """What one association stored, summarised into one audit line when it closes."""
 
     def __init__(self) -> None:
@@ -85,31 +85,38 @@ class Handlers:
         self.archive = archive
         self.settings = archive.settings
         self.audit = archive.audit
-        self._tallies: dict[int, _StoreTally] = {}
+        self._tallies: dict[int, StoreTally] = {}
 
-    def _tally(self, event: Event) -> _StoreTally:
-        return self._tallies.setdefault(id(event.assoc), _StoreTally())
+    def _tally(self, event: Event) -> StoreTally:
+        return self._tallies.setdefault(id(event.assoc), StoreTally())
 
     def closed(self, event: Event) -> None:
         """EVT_CONN_CLOSE: write the association's store summary to the audit trail."""
         tally = self._tallies.pop(id(event.assoc), None)
         if tally is not None:
-            self.audit.record(
-                "dimse.store",
-                _calling(event),
-                "ok" if not tally.refused else "partial",
-                peer=_peer(event),
-                studies=sorted(tally.studies),
-                stored=tally.stored,
-                duplicates=tally.duplicates,
-                refused=tally.refused,
-                nonconformant=tally.nonconformant,
-                problems=tally.problems,
-            )
+            self.audit_stores(_calling(event), _peer(event), tally)
+
+    def audit_stores(self, calling: str, peer: str, tally: StoreTally) -> None:
+        """One audit line for what an association stored."""
+        self.audit.record(
+            "dimse.store",
+            calling,
+            "ok" if not tally.refused else "partial",
+            peer=peer,
+            studies=sorted(tally.studies),
+            stored=tally.stored,
+            duplicates=tally.duplicates,
+            refused=tally.refused,
+            nonconformant=tally.nonconformant,
+            problems=tally.problems,
+        )
 
     # -- permissions ------------------------------------------------------------------------
     def _may(self, event: Event, what: str) -> bool:
-        peer = self.settings.peer(_calling(event))
+        return self.may(_calling(event), what)
+
+    def may(self, calling: str, what: str) -> bool:
+        peer = self.settings.peer(calling)
         if peer is None:
             if what == "store":
                 return True
@@ -120,38 +127,53 @@ class Handlers:
 
     # -- C-STORE ----------------------------------------------------------------------------
     def store(self, event: Event) -> int | Dataset:
-        """C-STORE SCP (PS3.4 B.2): 0x0000 only once the file and the catalog row are durable."""
-        tally = self._tally(event)
-        if not self._may(event, "store"):
+        """C-STORE SCP (PS3.4 B.2) for associations pynetdicom serves."""
+        request = cast(C_STORE, event.request)
+        status, comment = self.store_received(
+            self._tally(event),
+            _calling(event),
+            str(event.context.abstract_syntax),
+            str(event.context.transfer_syntax),
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID or ""),
+            cast(BytesIO, request.DataSet).getvalue(),
+        )
+        return failure(status, comment) if comment is not None else status
+
+    def store_received(
+        self,
+        tally: StoreTally,
+        calling: str,
+        context_class: str,
+        transfer_syntax: str,
+        sop_class: str,
+        sop_instance: str,
+        data: bytes,
+    ) -> tuple[int, str | None]:
+        """One received C-STORE data set through ingest: (status, Error Comment or None).
+
+        0x0000 only once the file and the catalog row are durable (PS3.4 B.2.3)."""
+        if not self.may(calling, "store"):
             tally.refused += 1
-            return failure(0xA700, f"{_calling(event)} may not store here")
+            return 0xA700, f"{calling} may not store here"
         try:
-            request = cast(C_STORE, event.request)
-            if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
+            if sop_class != context_class:
                 # The file meta would name one class and the data set another (tools/fuzz.py).
                 raise DatasetMismatch(
                     f"Affected SOP Class UID is not the presentation context's: "
-                    f"{request.AffectedSOPClassUID} vs {event.context.abstract_syntax}"
+                    f"{sop_class} vs {context_class}"
                 )
-            received = cast(BytesIO, request.DataSet)
-            sop_instance = str(request.AffectedSOPInstanceUID or "")
             result = self.archive.ingestor.ingest(
-                part10(
-                    str(request.AffectedSOPClassUID),
-                    sop_instance,
-                    str(event.context.transfer_syntax),
-                    _calling(event),
-                    received.getvalue(),
-                ),
-                source=f"dimse:{_calling(event)}",
-                expect_sop_class=str(event.context.abstract_syntax),
+                part10(sop_class, sop_instance, transfer_syntax, calling, data),
+                source=f"dimse:{calling}",
+                expect_sop_class=context_class,
                 expect_sop_instance=sop_instance or None,
-                institution=self.settings.institution_of(_calling(event)),
+                institution=self.settings.institution_of(calling),
             )
         except IngestError as exc:
-            log.warning("C-STORE from %s refused (0x%04X): %s", _calling(event), exc.status, exc)
+            log.warning("C-STORE from %s refused (0x%04X): %s", calling, exc.status, exc)
             tally.refused += 1
-            return failure(exc.status, str(exc))
+            return exc.status, str(exc).replace("\\", "/")[:64]
         tally.studies.add(result.study_instance_uid)
         if result.outcome == "duplicate":
             tally.duplicates += 1
@@ -163,7 +185,7 @@ class Handlers:
             tally.nonconformant += 1
             if len(tally.problems) < 10:
                 tally.problems.append(f"{result.sop_instance_uid}: {'; '.join(result.warnings)}")
-        return 0x0000
+        return 0x0000, None
 
     # -- C-FIND -----------------------------------------------------------------------------
     def _query(self, event: Event) -> Query:

@@ -65,6 +65,15 @@ class Slots:
 _slots: Slots | None = None
 
 
+def claim() -> tuple[bool, int | None]:
+    """For an association served outside pynetdicom: (may it start, the slot's descriptor to
+    close when it ends).  Without a slot directory (one worker) there is nothing to claim."""
+    if _slots is None:
+        return True, None
+    fd = _slots.acquire()
+    return fd is not None, fd
+
+
 def _negotiate_as_acceptor(self: ACSE) -> None:
     if _slots is not None:
         fd = _slots.acquire()
