@@ -150,23 +150,39 @@ def _upsert(model: Any, key_column: str, values: Columns) -> tuple[int, bool]:
     return int(database.execute_sql(select, [values[key_column]]).fetchone()[0]), False
 
 
-def _ensure_parents(record: InstanceRecord, now: dt.datetime) -> tuple[int, int]:
-    """Find or create the patient, study and series rows (first instance of a series)."""
+def _ensure_parents(record: InstanceRecord, now: dt.datetime) -> tuple[int, int, bool]:
+    """Find or create the patient, study and series rows; True when the series is new, in
+    which case its counter starts at 1 and the study's are already updated for this instance
+    (one statement instead of three: a modality sending one image per study creates all
+    three rows every time)."""
     key = patient_key(record.patient.get("patient_id"), record.patient.get("issuer_of_patient_id"))
     patient_id, _ = _upsert(Patient, "patient_key", {**record.patient, "patient_key": key})
-    study_id, _ = _upsert(Study, "study_instance_uid", {**record.study, "patient_id": patient_id})
+    study_id, new_study = _upsert(
+        Study, "study_instance_uid", {**record.study, "patient_id": patient_id}
+    )
     series_id, new_series = _upsert(
-        Series, "series_instance_uid", {**record.series, "study_id": study_id}
+        Series,
+        "series_instance_uid",
+        {
+            **record.series,
+            "study_id": study_id,
+            "number_of_series_related_instances": 1,
+            "updated_at": now,
+        },
     )
     if new_series:
+        modalities = (
+            record.series.get("modality") or None if new_study else _refresh_modalities(study_id)
+        )
         param = _param()
         database.execute_sql(
             'UPDATE "study" SET "number_of_study_related_series" = '
-            f'"number_of_study_related_series" + 1, "modalities_in_study" = {param} '
-            f'WHERE "id" = {param}',
-            [_refresh_modalities(study_id), study_id],
+            '"number_of_study_related_series" + 1, "number_of_study_related_instances" = '
+            f'"number_of_study_related_instances" + 1, "modalities_in_study" = {param}, '
+            f'"updated_at" = {param} WHERE "id" = {param}',
+            [modalities, now, study_id],
         )
-    return series_id, study_id
+    return series_id, study_id, new_series
 
 
 # PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
@@ -212,9 +228,15 @@ def _record_instance(record: InstanceRecord, *, replace: bool, _retry: bool) -> 
                     delete_instance_row(existing)
                     cached = None
             now = _now()
-            ids = cached if cached is not None else _ensure_parents(record, now)
+            counted = False  # a new series: its and its study's counters include this one
+            if cached is not None:
+                ids = cached
+            else:
+                series_id, study_id, counted = _ensure_parents(record, now)
+                ids = (series_id, study_id)
             _insert_instance(record.instance, ids[0], now)
-            _bump_counters(ids[0], ids[1], now)
+            if not counted:
+                _bump_counters(ids[0], ids[1], now)
         parents.put(series_uid, ids)
         return obsolete
     except IntegrityError as exc:
