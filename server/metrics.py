@@ -150,6 +150,12 @@ AI_JOB_GPU_SECONDS = Histogram(
 AI_JOB_STATUSES = ("queued", "processing", "completed", "failed")
 
 
+def inference_done(seconds: float, device: str) -> None:
+    """One job's inference: GPU seconds when it ran on a CUDA device ("cuda", "cuda:1")."""
+    if device.startswith("cuda"):
+        AI_JOB_GPU_SECONDS.observe(seconds)
+
+
 def process_started(kind: str) -> None:
     """Count this process among the live ones of ``kind`` (until it dies)."""
     PROCESSES.labels(kind).set(1)

@@ -192,8 +192,7 @@ class Worker:
         t0 = time.monotonic()
         probabilities, device = self._infer(volume, beat)
         inference_seconds = time.monotonic() - t0
-        if str(device).startswith("cuda"):
-            metrics.AI_JOB_GPU_SECONDS.observe(inference_seconds)
+        metrics.inference_done(inference_seconds, str(device))
         _maybe_pause("inferred")
         beat.set("measuring", 0.8, force=True)
         config = job.config.get("config") or {}

@@ -205,3 +205,16 @@ def test_ai_worker_records_job_cpu_and_outcome(
     assert _value("imaging_ai_job_cpu_seconds_sum") > cpu
     assert _value("imaging_ai_jobs_processed_total", outcome=outcome) == done + 1
     assert _value("imaging_ai_job_gpu_seconds_count") == gpu  # no CUDA here
+
+
+def test_inference_on_a_cuda_device_counts_gpu_seconds() -> None:
+    """The worker reports its device as torch names it; only CUDA time is GPU time."""
+    from server import metrics
+
+    count = _value("imaging_ai_job_gpu_seconds_count")
+    total = _value("imaging_ai_job_gpu_seconds_sum")
+    metrics.inference_done(1.5, "cuda:0")
+    metrics.inference_done(2.0, "cuda")
+    metrics.inference_done(9.0, "cpu")
+    assert _value("imaging_ai_job_gpu_seconds_count") == count + 2
+    assert _value("imaging_ai_job_gpu_seconds_sum") == pytest.approx(total + 3.5)
