@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,23 @@ __all__ = [
     "run",
     "server_cli",
     "storescp",
+    "wait_for",
     "write_config",
 ]
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 _DCMTK_EXTRA = ("dcmcjpls", "dcmcjpeg", "dcmdjpeg")
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 180.0) -> Any:
+    """Poll ``check`` every 0.05 s until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def have(tool: str) -> bool:

@@ -272,6 +272,12 @@ class OurServer:
         wait_until(self.ready, "our server", timeout, self.proc, self.log_path)
         return self
 
+    def log_text(self) -> str:
+        """What the server has logged so far."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
     def ready(self) -> bool:
         """Both ports answer (a subclass serving TLS probes its own way)."""
         return answers(self.port, self.ae_title) and http_answers(self.base_url)

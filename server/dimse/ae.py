@@ -218,15 +218,16 @@ class StorageService:
         peer = f"{address[0]}:{address[1]}"
 
         def store(
-            calling: str,
-            _peer: str,
-            context_class: str,
-            syntax: str,
-            command: storage_scp.Command,
-            data: bytes,
+            context_class: str, syntax: str, command: storage_scp.Command, data: bytes
         ) -> tuple[int, str | None]:
             return self.handlers.store_received(
-                tally, calling, context_class, syntax, command.sop_class, command.sop_instance, data
+                tally,
+                request.calling_ae,
+                context_class,
+                syntax,
+                command.sop_class,
+                command.sop_instance,
+                data,
             )
 
         def ended(outcome: str) -> None:
@@ -237,15 +238,10 @@ class StorageService:
             if tally.stored or tally.duplicates or tally.refused:
                 self.handlers.audit_stores(request.calling_ae, peer, tally)
 
-        storage_scp.serve(
-            sock,
-            request,
-            peer,
-            store,
-            self.settings.max_pdu,
-            self.settings.network_timeout,
-            ended,
+        association = storage_scp.StorageAssociation(
+            sock, request, peer, store, self.settings.max_pdu, self.settings.network_timeout
         )
+        storage_scp.serve(association, ended)
         return True
 
 

@@ -62,10 +62,11 @@ def pdu(items: bytes) -> bytes:
     return struct.pack(">BBI", 0x04, 0, len(items)) + items
 
 
-def pdata_message(context_id: int, command: bytes, data: bytes, max_length: int) -> bytes:
-    """One DIMSE message as P-DATA-TF PDUs no larger than the peer's maximum length."""
+def pdata_message(context_id: int, command: bytes, data: bytes | None, max_length: int) -> bytes:
+    """One DIMSE message (``data`` None: a command set alone) as P-DATA-TF PDUs no larger than
+    the peer's maximum length."""
     command_item = pdv(context_id, COMMAND_LAST, command)
-    data_item = pdv(context_id, DATA_LAST, data)
+    data_item = pdv(context_id, DATA_LAST, data) if data is not None else b""
     if not max_length or len(command_item) + len(data_item) <= max_length:
         return pdu(command_item + data_item)
     # The command set is fragmented too: a peer may take PDUs smaller than it (PS3.8 D.1 allows
@@ -76,9 +77,9 @@ def pdata_message(context_id: int, command: bytes, data: bytes, max_length: int)
         last = start + room >= len(command)
         fragment = command[start : start + room]
         out.append(pdu(pdv(context_id, COMMAND_LAST if last else COMMAND_MORE, fragment)))
-    for start in range(0, len(data), room):
-        chunk = data[start : start + room]
-        last = start + room >= len(data)
+    for start in range(0, len(data or b""), room):
+        chunk = (data or b"")[start : start + room]
+        last = start + room >= len(data or b"")
         out.append(pdu(pdv(context_id, DATA_LAST if last else DATA_MORE, chunk)))
     return b"".join(out)
 
@@ -140,19 +141,34 @@ def part10(sop_class: str, sop_instance: str, syntax: str, source_ae: str, datas
     return b"\0" * 128 + b"DICM" + group_length + body + dataset
 
 
+def response_command(
+    command_field: int,
+    sop_class: str,
+    message_id: int,
+    status: int,
+    sop_instance: str = "",
+    comment: str | None = None,
+) -> bytes:
+    """An encoded response command set without data set: C-STORE-RSP (PS3.7 9.3.1.2, with
+    ``sop_instance``) or C-ECHO-RSP (9.3.5.2); ``comment`` is the Error Comment (LO, 64)."""
+    elements = [
+        implicit_element(0x00000002, _text(sop_class, b"\0")),
+        implicit_element(0x00000100, struct.pack("<H", command_field)),
+        implicit_element(0x00000120, struct.pack("<H", message_id)),
+        implicit_element(0x00000800, struct.pack("<H", 0x0101)),
+        implicit_element(0x00000900, struct.pack("<H", status)),
+    ]
+    if comment:
+        elements.append(implicit_element(0x00000902, _text(comment[:64], b" ")))
+    if sop_instance:
+        elements.append(implicit_element(0x00001000, _text(sop_instance, b"\0")))
+    body = b"".join(elements)
+    return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
+
+
 def store_rsp_command(sop_class: str, sop_instance: str, message_id: int, status: int) -> bytes:
     """An encoded C-STORE-RSP command set without data set (PS3.7 9.3.1.2)."""
-    body = b"".join(
-        (
-            implicit_element(0x00000002, _text(sop_class, b"\0")),
-            implicit_element(0x00000100, struct.pack("<H", 0x8001)),
-            implicit_element(0x00000120, struct.pack("<H", message_id)),
-            implicit_element(0x00000800, struct.pack("<H", 0x0101)),
-            implicit_element(0x00000900, struct.pack("<H", status)),
-            implicit_element(0x00001000, _text(sop_instance, b"\0")),
-        )
-    )
-    return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
+    return response_command(0x8001, sop_class, message_id, status, sop_instance)
 
 
 def retrieve_pending_command(

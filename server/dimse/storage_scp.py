@@ -25,7 +25,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from server import metrics
@@ -34,7 +34,7 @@ from server.dicom.uids import (
     IMPLEMENTATION_VERSION_NAME,
     is_valid_uid,
 )
-from server.dimse.fastpath import COMMAND_LAST, implicit_element, pdv
+from server.dimse.fastpath import pdata_message, response_command
 from server.dimse.transport import recv_exactly
 from server.telemetry import association_var
 
@@ -266,46 +266,24 @@ def parse_command(data: bytes) -> Command:
     )
 
 
-def _even(value: str, pad: bytes) -> bytes:
-    data = value.encode("ascii", "replace")
-    return data + pad if len(data) % 2 else data
+def pdv_items(body: bytearray) -> Iterator[tuple[int, int, memoryview]]:
+    """The PDV items of a P-DATA-TF PDU (PS3.8 9.3.5.1): context ID, message control header
+    and fragment (a view into ``body``)."""
+    view = memoryview(body)
+    at = 0
+    while at < len(body):
+        if at + 6 > len(body):
+            raise ValueError("truncated PDV item")
+        item_length = int.from_bytes(view[at : at + 4], "big")
+        if item_length < 2 or at + 4 + item_length > len(body):
+            raise ValueError("PDV item length out of range")
+        yield view[at + 4], view[at + 5], view[at + 6 : at + 4 + item_length]
+        at += 4 + item_length
 
 
-def response_command(
-    field: int, command: Command, status: int, comment: str | None = None
-) -> bytes:
-    """A C-STORE-RSP or C-ECHO-RSP command set without data set (PS3.7 9.3.1.2, 9.3.5.2)."""
-    elements = [
-        implicit_element(0x00000002, _even(command.sop_class, b"\0")),
-        implicit_element(0x00000100, struct.pack("<H", field)),
-        implicit_element(0x00000120, struct.pack("<H", command.message_id)),
-        implicit_element(0x00000800, struct.pack("<H", 0x0101)),
-        implicit_element(0x00000900, struct.pack("<H", status)),
-    ]
-    if comment:
-        elements.append(implicit_element(0x00000902, _even(comment[:64], b" ")))
-    if field == 0x8001:
-        elements.append(implicit_element(0x00001000, _even(command.sop_instance, b"\0")))
-    body = b"".join(elements)
-    return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
-
-
-def _command_pdus(context_id: int, command: bytes, max_length: int) -> bytes:
-    item = pdv(context_id, COMMAND_LAST, command)
-    if not max_length or len(item) <= max_length:
-        return _pdu(0x04, item)
-    room = max(1, max_length - 6)
-    out = []
-    for start in range(0, len(command), room):
-        last = start + room >= len(command)
-        fragment = command[start : start + room]
-        out.append(_pdu(0x04, pdv(context_id, COMMAND_LAST if last else 0x01, fragment)))
-    return b"".join(out)
-
-
-# (calling AE, peer, abstract syntax of the context, transfer syntax, command, data set bytes)
-# -> (status, error comment or None)
-StoreFunction = Callable[[str, str, str, str, Command, bytes], tuple[int, str | None]]
+# (abstract syntax of the context, its transfer syntax, command, data set bytes)
+# -> (status, Error Comment or None)
+StoreFunction = Callable[[str, str, Command, bytes], tuple[int, str | None]]
 
 
 class StorageAssociation:
@@ -327,6 +305,11 @@ class StorageAssociation:
         self.max_pdu = max_pdu
         self.timeout = timeout
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract, transfer syntax)
+        # the message being received: its context, command set fragments or command, data set
+        self._context = -1
+        self._command_parts: list[bytes] = []
+        self._command: Command | None = None
+        self._data_parts: list[memoryview] = []
 
     def accept(self) -> None:
         """Take the A-ASSOCIATE-RQ off the socket and answer it (PS3.8 9.3.3)."""
@@ -351,10 +334,6 @@ class StorageAssociation:
     def run(self) -> str:
         """Serve until release or abort; returns "released" or "aborted"."""
         self.sock.settimeout(self.timeout)
-        command_parts: list[bytes] = []
-        data_parts: list[bytes] = []
-        command: Command | None = None
-        context_id = -1
         try:
             while True:
                 header = recv_exactly(self.sock, 6)
@@ -375,36 +354,8 @@ class StorageAssociation:
                     unexpected = kind in (0x01, 0x02, 0x03, 0x06)
                     self._abort(ABORT_UNEXPECTED_PDU if unexpected else ABORT_UNRECOGNISED_PDU)
                     return "aborted"
-                with memoryview(body) as view:
-                    at = 0
-                    while at < length:
-                        if at + 6 > length:
-                            raise ValueError("truncated PDV item")
-                        item_length = struct.unpack(">I", view[at : at + 4])[0]
-                        if item_length < 2 or at + 4 + item_length > length:
-                            raise ValueError("PDV item length out of range")
-                        cid, control = view[at + 4], view[at + 5]
-                        fragment = bytes(view[at + 6 : at + 4 + item_length])
-                        at += 4 + item_length
-                        if cid not in self.contexts or (context_id >= 0 and cid != context_id):
-                            raise ValueError(f"PDV on presentation context {cid}")
-                        context_id = cid
-                        if control & 0x01:  # command fragment
-                            if command is not None:
-                                raise ValueError("command fragment after the command set")
-                            command_parts.append(fragment)
-                            if control & 0x02:
-                                command = parse_command(b"".join(command_parts))
-                                command_parts = []
-                        else:
-                            if command is None or not command.has_data:
-                                raise ValueError("data set fragment without its command")
-                            data_parts.append(fragment)
-                        if command is not None and (
-                            not command.has_data or (not control & 0x01 and control & 0x02)
-                        ):
-                            self._respond(context_id, command, b"".join(data_parts))
-                            command, data_parts, context_id = None, [], -1
+                for context_id, control, fragment in pdv_items(body):
+                    self._take(context_id, control, fragment)
         except TimeoutError:
             log.warning("association from %s idle too long; aborting", self.peer)
             self._abort(0)
@@ -416,44 +367,63 @@ class StorageAssociation:
         except OSError:
             return "aborted"
 
+    def _take(self, context_id: int, control: int, fragment: memoryview) -> None:
+        """One PDV: a fragment of the message being received (PS3.8 E.2); a complete message is
+        answered."""
+        if context_id not in self.contexts or self._context not in (-1, context_id):
+            raise ValueError(f"PDV on presentation context {context_id}")
+        self._context = context_id
+        if control & 0x01:  # command fragment
+            if self._command is not None:
+                raise ValueError("command fragment after the command set")
+            self._command_parts.append(bytes(fragment))
+            if not control & 0x02:
+                return
+            self._command = parse_command(b"".join(self._command_parts))
+            self._command_parts = []
+            if self._command.has_data:
+                return
+        else:
+            if self._command is None or not self._command.has_data:
+                raise ValueError("data set fragment without its command")
+            self._data_parts.append(fragment)  # a view into the PDU: copied once, by the join
+            if not control & 0x02:
+                return
+        command, data = self._command, b"".join(self._data_parts)
+        self._command, self._data_parts, self._context = None, [], -1
+        self._respond(context_id, command, data)
+
     def _respond(self, context_id: int, command: Command, data: bytes) -> None:
         abstract, syntax = self.contexts[context_id]
         if command.field == 0x0030:  # C-ECHO-RQ
-            reply = response_command(0x8030, command, 0x0000)
+            reply = response_command(0x8030, command.sop_class, command.message_id, 0x0000)
         elif command.field == 0x0001:  # C-STORE-RQ
             if not command.sop_class or not command.sop_instance or not command.has_data:
                 raise ValueError("C-STORE-RQ lacks a mandatory field")
             try:
-                status, comment = self.store(
-                    self.request.calling_ae, self.peer, abstract, syntax, command, data
-                )
+                status, comment = self.store(abstract, syntax, command, data)
             except Exception as exc:  # a bug must cost one instance, not the association
                 log.exception("C-STORE from %s failed", self.peer)
                 status, comment = 0x0110, f"processing failure: {type(exc).__name__}"
-            reply = response_command(0x8001, command, status, comment)
+            reply = response_command(
+                0x8001, command.sop_class, command.message_id, status, command.sop_instance, comment
+            )
         elif command.field == 0x0FFF:  # C-CANCEL-RQ: nothing of ours can be cancelled
             return
         else:
             raise ValueError(f"command 0x{command.field:04X} on a storage association")
-        self.sock.sendall(_command_pdus(context_id, reply, self.request.max_length))
+        self.sock.sendall(pdata_message(context_id, reply, None, self.request.max_length))
 
     def _abort(self, reason: int) -> None:
         with contextlib.suppress(OSError):
             self.sock.sendall(abort_pdu(reason))
 
 
-def serve(
-    sock: socket.socket,
-    request: AssociateRequest,
-    peer: str,
-    store: StoreFunction,
-    max_pdu: int,
-    timeout: float | None,
-    on_end: Callable[[str], None],
-) -> None:
-    """Accept and serve one storage association, with its log id and metrics."""
+def serve(association: StorageAssociation, on_end: Callable[[str], None]) -> None:
+    """Accept and serve one storage association, with its log id and metrics; ``on_end``
+    gets "released" or "aborted" once the connection is closed."""
+    request, peer = association.request, association.peer
     association_var.set(f"{request.calling_ae or '?'}#{secrets.token_hex(3)}")
-    association = StorageAssociation(sock, request, peer, store, max_pdu, timeout)
     outcome = "aborted"
     try:
         association.accept()
@@ -468,6 +438,6 @@ def serve(
         pass
     finally:
         try:
-            sock.close()
+            association.sock.close()
         finally:
             on_end(outcome)

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,15 @@ from pydicom import dcmread
 from websockets.sync.client import connect
 
 from tests.dcmtk import findscu, storescu
-from tests.helpers import ROOT, ServerProcess, have, tenant_config, tenant_tokens, write_config
+from tests.helpers import (
+    ROOT,
+    ServerProcess,
+    have,
+    tenant_config,
+    tenant_tokens,
+    wait_for,
+    write_config,
+)
 from tools.generate import StudySpec, ct_series, write
 from tools.phantom import Phantom, make_phantom, write_series
 
@@ -35,16 +43,6 @@ pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 # series is never analysed half-sent.
 AI_TOML = '[ae]\ntitle = "IMAGING"\n[ai]\nstable_age = 3\npoll_interval = 0.2\nlease = 20\n'
 SEED = 424242  # far from the training seeds (tools/train_prostate.py)
-
-
-def _wait(check: Callable[[], Any], what: str, timeout: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +125,7 @@ def test_stable_series_is_analysed_and_results_are_archived(
     sent = time.monotonic()
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         # The SEG and SR are stored before the job is marked completed: wait for the job.
-        job = _wait(
+        job = wait_for(
             lambda: (j := _analyses(http, series)) and j[-1]["status"] == "completed" and j[-1],
             "the analysis to complete",
         )
@@ -202,13 +200,13 @@ def test_worker_killed_mid_job_completes_once_on_restart(
         )
         storescu(server.port, series_files)
         series = str(dcmread(series_files[0], stop_before_pixels=True).SeriesInstanceUID)
-        _wait(pause.exists, "the worker to reach its pause point")
+        wait_for(pause.exists, "the worker to reach its pause point")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         second = subprocess.Popen(argv, cwd=ROOT, env=env)
         try:
             with httpx.Client(base_url=server.base_url, timeout=60) as http:
-                job = _wait(
+                job = wait_for(
                     lambda: (
                         (j := _analyses(http, series)) and j[0]["status"] == "completed" and j[0]
                     ),

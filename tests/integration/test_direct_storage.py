@@ -5,7 +5,6 @@ direct association gets an A-ABORT and the server keeps serving."""
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pynetdicom.sop_class import (
 
 from server.dicom.uids import IMPLEMENTATION_CLASS_UID
 from tests.dcmtk import findscu, storescu
-from tests.helpers import ServerProcess, have, write_config
+from tests.helpers import ServerProcess, have, wait_for, write_config
 from tools.generate import StudySpec, ct_series, write
 
 pytestmark = [pytest.mark.dcmtk]
@@ -45,20 +44,6 @@ def ct(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "ct").iterdir())
 
 
-def _log(server: ServerProcess) -> str:
-    assert server.log_path is not None
-    return server.log_path.read_text(errors="replace")
-
-
-def _wait(check: object, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _scu(*contexts: str) -> AE:
     ae = AE(ae_title="DIRECTSCU")
     for uid in contexts:
@@ -69,7 +54,7 @@ def _scu(*contexts: str) -> AE:
 
 def test_storescu_is_served_directly(server: ServerProcess, ct: list[Path]) -> None:
     storescu(server.port, ct, "-aet", "MODALITY1")
-    assert "storage association from MODALITY1" in _log(server)
+    assert "storage association from MODALITY1" in server.log_text()
     found, _ = findscu(server.port, "IMAGE", {"PatientID": "DIRECT-1", "SOPInstanceUID": ""})
     sent = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct}
     assert {str(r.SOPInstanceUID) for r in found} == sent
@@ -82,7 +67,7 @@ def test_both_paths_answer_with_one_identity(server: ServerProcess, ct: list[Pat
         ((CTImageStorage,), True),
         ((CTImageStorage, StudyRootQueryRetrieveInformationModelFind), False),
     ):
-        before = _log(server).count("storage association from DIRECTSCU")
+        before = server.log_text().count("storage association from DIRECTSCU")
         assoc = _scu(*contexts).associate("127.0.0.1", server.port, ae_title="IMAGING")
         assert assoc.is_established
         try:
@@ -100,7 +85,7 @@ def test_both_paths_answer_with_one_identity(server: ServerProcess, ct: list[Pat
                 assert answers[0][0].Status == 0xFF00
         finally:
             assoc.release()
-        after = _log(server).count("storage association from DIRECTSCU")
+        after = server.log_text().count("storage association from DIRECTSCU")
         assert after == before + (1 if direct else 0)
 
 
@@ -158,8 +143,8 @@ def test_malformed_traffic_is_aborted(server: ServerProcess, payload: object) ->
     assert assoc.is_established
     context_id = assoc.accepted_contexts[0].context_id
     _raw(assoc, payload(context_id))  # type: ignore[operator]
-    _wait(lambda: assoc.is_aborted, "the server's A-ABORT")
-    _wait(lambda: "aborting" in _log(server), "the reason in the server log")
+    wait_for(lambda: assoc.is_aborted, "the server's A-ABORT", 15)
+    wait_for(lambda: "aborting" in server.log_text(), "the reason in the server log", 15)
     # ... and the next association is served as usual.
     again = _scu(CTImageStorage).associate("127.0.0.1", server.port, ae_title="IMAGING")
     assert again.is_established
@@ -170,5 +155,5 @@ def test_an_idle_association_is_aborted(server: ServerProcess) -> None:
     """[timeouts] network (2 s here): an association that sends nothing is ended."""
     assoc = _scu(CTImageStorage).associate("127.0.0.1", server.port, ae_title="IMAGING")
     assert assoc.is_established
-    _wait(lambda: assoc.is_aborted, "the idle association to be aborted")
-    assert "idle too long" in _log(server)
+    wait_for(lambda: assoc.is_aborted, "the idle association to be aborted", 15)
+    assert "idle too long" in server.log_text()

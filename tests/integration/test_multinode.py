@@ -15,7 +15,15 @@ from pydicom import dcmread
 
 from tests.catalog_dump import dump, files_on_disk
 from tests.dcmtk import findscu, getscu, movescu, storescu
-from tests.helpers import ServerProcess, free_port, have, server_cli, storescp, write_config
+from tests.helpers import (
+    ServerProcess,
+    free_port,
+    have,
+    server_cli,
+    storescp,
+    wait_for,
+    write_config,
+)
 from tools.generate import StudySpec, ct_series, write
 from tools.procs import stow_body
 
@@ -128,10 +136,6 @@ def test_second_node_does_not_recover_under_a_live_one(pg_url: str, tmp_path: Pa
         a.stop()
 
 
-def _log_says(server: ServerProcess, text: str) -> bool:
-    return server.log_path is not None and text in server.log_path.read_text(errors="replace")
-
-
 def test_ai_trigger_across_two_nodes(pg_url: str, tmp_path: Path) -> None:
     """A series whose first half arrives through node A and second half through node B is
     analysed once: both nodes' workers watch the same catalog, both see the series become
@@ -139,7 +143,7 @@ def test_ai_trigger_across_two_nodes(pg_url: str, tmp_path: Path) -> None:
     it stores are found through either node."""
     if not have("storescu"):
         pytest.skip("DCMTK is not installed")
-    from tests.integration.test_ai_loop import _analyses, _derived, _instance, _wait
+    from tests.integration.test_ai_loop import _analyses, _derived, _instance
     from tools.phantom import make_phantom, write_series
 
     phantom = make_phantom(515151, n_lesions=1)
@@ -154,14 +158,14 @@ def test_ai_trigger_across_two_nodes(pg_url: str, tmp_path: Path) -> None:
     try:
         # Both workers running before anything arrives, so both triggers look at the series.
         for node in (a, b):
-            _wait(lambda node=node: _log_says(node, "AI worker"), "an AI worker on each node")
+            wait_for(lambda node=node: "AI worker" in node.log_text(), "an AI worker on each node")
         header = dcmread(files[0], stop_before_pixels=True)
         study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
         half = len(files) // 2
         storescu(a.port, files[:half])
         storescu(b.port, files[half:])
         with httpx.Client(base_url=b.base_url, timeout=60) as http_b:
-            job = _wait(
+            job = wait_for(
                 lambda: (j := _analyses(http_b, series)) and j[-1]["status"] == "completed" and j,
                 "the analysis to complete",
             )
