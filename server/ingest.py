@@ -31,6 +31,7 @@ from server.catalog.db import session
 from server.catalog.schema import ci_column
 from server.dicom import json as dicom_json
 from server.dicom.attributes import INTEGER_VRS, Level, extracted
+from server.dicom.header import read_header
 from server.dicom.uids import is_valid_uid
 from server.dicom.validate import problems
 from server.errors import DatasetMismatch, IngestError, InvalidDataset
@@ -39,7 +40,12 @@ from server.storage import Storage, storage_key
 log = logging.getLogger(__name__)
 
 Outcome = Literal["stored", "duplicate", "replaced"]
-_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_REQUIRED_UIDS = (
+    ("SOPClassUID", "00080016"),
+    ("SOPInstanceUID", "00080018"),
+    ("StudyInstanceUID", "0020000D"),
+    ("SeriesInstanceUID", "0020000E"),
+)
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,27 @@ def _check_pixel_data(data: bytes, at: int, syntax: str) -> None:
         raise InvalidDataset(f"Pixel Data is cut short: {got} of {length} bytes")
 
 
-def _parse(data: bytes) -> tuple[Dataset, bytes]:
-    """Header-only parse; returns the dataset and the bytes to store (Part 10 encoded)."""
+@dataclass(frozen=True)
+class _Parsed:
+    header: dict[str, Any]  # DICOM JSON of the data set (no file meta, no pixel data)
+    transfer_syntax: str
+    encoded: bytes  # what is stored: the Part 10 file
+
+
+def _json_of(ds: Dataset) -> dict[str, Any]:
+    try:
+        return dicom_json.to_json(ds)
+    except Exception as exc:  # e.g. nesting too deep, a number beyond 64 bits
+        raise InvalidDataset(f"cannot read the header: {exc}") from exc
+
+
+def _parse(data: bytes) -> _Parsed:
+    """Header-only parse (pixel data is never decoded) of Part 10 bytes or a bare data set."""
     if len(data) >= 132 and data[128:132] == b"DICM":
+        fast = read_header(data)
+        if fast is not None:
+            _check_pixel_data(data, fast.pixel_at, fast.transfer_syntax)
+            return _Parsed(fast.json, fast.transfer_syntax, data)
         stream = io.BytesIO(data)
         try:
             ds = dcmread(stream, stop_before_pixels=True)
@@ -166,8 +190,10 @@ def _parse(data: bytes) -> tuple[Dataset, bytes]:
             raise InvalidDataset(f"cannot parse DICOM data: {exc}") from exc
         if "TransferSyntaxUID" not in ds.file_meta:
             raise InvalidDataset("file meta information lacks (0002,0010) TransferSyntaxUID")
-        _check_pixel_data(data, stream.tell(), str(ds.file_meta.TransferSyntaxUID))
-        return ds, data
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+        _check_pixel_data(data, stream.tell(), syntax)
+        _check_readable(ds)
+        return _Parsed(_json_of(ds), syntax, data)
     # A bare dataset without the Part 10 header (some tools write these): wrap it.
     try:
         ds = dcmread(io.BytesIO(data), force=True)
@@ -181,29 +207,37 @@ def _parse(data: bytes) -> tuple[Dataset, bytes]:
         ) or ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds.file_meta = meta
+        _check_readable(ds)
         out = io.BytesIO()
         dcmwrite(out, ds, enforce_file_format=True)
     except InvalidDataset:
         raise
     except Exception as exc:
         raise InvalidDataset(f"cannot parse DICOM data: {exc}") from exc
-    return ds, out.getvalue()
+    return _Parsed(_json_of(ds), str(meta.TransferSyntaxUID), out.getvalue())
 
 
-def _accession(ds: Dataset) -> str:
-    try:
-        return str(ds.get("AccessionNumber") or "").strip()
-    except Exception:  # unreadable (bad VR or length): the instance is stored all the same
-        return ""
-
-
-def _validate(ds: Dataset, expect_class: str | None, expect_instance: str | None) -> dict[str, str]:
-    uids: dict[str, str] = {}
-    for keyword in _REQUIRED_UIDS:
+def _check_readable(ds: Dataset) -> None:
+    """The identifying UIDs must convert as pydicom reads them: the JSON keeps whatever can be
+    read of a broken element (an unknown VR, a bad length), which is no basis for an
+    identity (found by tools/fuzz.py)."""
+    for keyword, _ in _REQUIRED_UIDS:
         try:
-            value = str(ds.get(keyword) or "").strip(" \0")
+            ds.get(keyword)
         except Exception as exc:  # read lazily: a bad VR or length shows up only here
             raise InvalidDataset(f"{keyword} cannot be read: {exc}") from exc
+
+
+def _single_text(header: dict[str, Any], tag: str) -> str:
+    return "\\".join(dicom_json.text_values(header.get(tag)))
+
+
+def _validate(
+    header: dict[str, Any], expect_class: str | None, expect_instance: str | None
+) -> dict[str, str]:
+    uids: dict[str, str] = {}
+    for keyword, tag in _REQUIRED_UIDS:
+        value = _single_text(header, tag).strip(" \0")
         if not value:
             # PS3.4 B.2.3: a dataset lacking a required attribute does not match its SOP Class.
             raise DatasetMismatch(f"dataset lacks {keyword}")
@@ -277,8 +311,9 @@ class Ingestor:
         expect_study: str | None,
         institution: str | None,
     ) -> IngestResult:
-        ds, encoded = _parse(data)
-        uids = _validate(ds, expect_sop_class, expect_sop_instance)
+        parsed = _parse(data)
+        header = parsed.header
+        uids = _validate(header, expect_sop_class, expect_sop_instance)
         if expect_study and uids["StudyInstanceUID"] != expect_study:
             # PS3.18 10.5.1.2: a STOW-RS to /studies/{uid} stores only instances of that study.
             raise DatasetMismatch(
@@ -286,7 +321,7 @@ class Ingestor:
                 f"{uids['StudyInstanceUID']} vs {expect_study}"
             )
         sop_uid = uids["SOPInstanceUID"]
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        transfer_syntax = parsed.transfer_syntax
 
         def result(outcome: Outcome, warnings: tuple[str, ...] = ()) -> IngestResult:
             return IngestResult(
@@ -296,7 +331,7 @@ class Ingestor:
                 uids["SeriesInstanceUID"],
                 outcome,
                 transfer_syntax,
-                _accession(ds),
+                _single_text(header, "00080050").strip(),
                 warnings,
             )
 
@@ -305,12 +340,11 @@ class Ingestor:
                 return result("duplicate")
             key = storage_key(sop_uid)
             try:
-                header = dicom_json.to_json(ds)
                 warnings = tuple(problems(header, has_pixels=False))
                 metadata = dicom_json.dumps(header).decode()
             except Exception as exc:  # e.g. nesting too deep, a number beyond 64 bits
                 raise InvalidDataset(f"cannot read the header: {exc}") from exc
-            staged = self.storage.stage(key, (encoded,))
+            staged = self.storage.stage(key, (parsed.encoded,))
             record = writer.InstanceRecord(
                 patient=extract_columns(header, Level.PATIENT),
                 study={**extract_columns(header, Level.STUDY), "institution": institution or None},

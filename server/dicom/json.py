@@ -30,14 +30,14 @@ _CHARSET_TEXT = frozenset({"LO", "SH", "UC"})
 _UNSPLIT_TEXT = frozenset({"LT", "ST", "UT", "UR"})
 _NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
 _BINARY = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
-_UTF8_CHARSETS = (None, "", "ISO_IR 6", "ISO_IR 192")
+UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")  # and no (0008,0005) at all
 
 
 def _bulk_uri(element: DataElement) -> str:
     return f"bulkdata/{int(element.tag):08X}"
 
 
-class _Fallback(Exception):
+class Fallback(Exception):
     """This element needs pydicom's converter."""
 
 
@@ -46,24 +46,25 @@ def _text(data: bytes, utf8: bool) -> str:
         return data.decode("ascii")
     if utf8:
         return data.decode("utf-8")
-    raise _Fallback
+    raise Fallback
 
 
 def _split(text: str) -> list[str]:
     parts = text.split("\\")
     if any(not p.strip(" ") for p in parts) and len(parts) > 1:
-        raise _Fallback  # empty components: pydicom's rules for those are subtle
+        raise Fallback  # empty components: pydicom's rules for those are subtle
     return parts
 
 
-def _raw_json(raw: RawDataElement, vr: str, utf8: bool) -> dict[str, Any]:
-    data: bytes = raw.value or b""
+def value_json(tag: int, data: bytes, vr: str, utf8: bool) -> dict[str, Any]:
+    """One element's DICOM JSON from its encoded little endian value; raises
+    :class:`Fallback` for what pydicom must convert."""
     out: dict[str, Any] = {"vr": vr}
     if vr in _BINARY:
         if not data:
             return out
         if len(data) > (BULK_DATA_THRESHOLD // 4) * 3:  # pydicom's rule: base64 grows by 4/3
-            out["BulkDataURI"] = f"bulkdata/{int(raw.tag):08X}"
+            out["BulkDataURI"] = f"bulkdata/{tag:08X}"
         else:
             out["InlineBinary"] = base64.b64encode(data).decode("ascii")
         return out
@@ -71,15 +72,15 @@ def _raw_json(raw: RawDataElement, vr: str, utf8: bool) -> dict[str, Any]:
         code = _NUMBERS[vr]
         size = struct.calcsize(code)
         if not data or len(data) % size:
-            raise _Fallback
+            raise Fallback
         values = list(struct.unpack(f"<{len(data) // size}{code}", data))
         if vr in ("FL", "FD") and any(v != v or v in (float("inf"), float("-inf")) for v in values):
-            raise _Fallback  # NaN/inf are not JSON numbers
+            raise Fallback  # NaN/inf are not JSON numbers
         out["Value"] = values
         return out
     if vr == "AT":
         if not data or len(data) % 4:
-            raise _Fallback
+            raise Fallback
         pairs = struct.unpack(f"<{len(data) // 2}H", data)
         out["Value"] = [f"{pairs[i]:04X}{pairs[i + 1]:04X}" for i in range(0, len(pairs), 2)]
         return out
@@ -103,32 +104,35 @@ def _raw_json(raw: RawDataElement, vr: str, utf8: bool) -> dict[str, Any]:
         if text:
             out["Value"] = [text]
         return out
-    raise _Fallback
+    raise Fallback
 
 
 def _person_name(value: str) -> dict[str, str]:
     groups = value.strip(" ").split("=")
     if len(groups) > 3:
-        raise _Fallback
+        raise Fallback
     return dict(zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False))
 
 
-def to_json(ds: Dataset) -> dict[str, Any]:
-    """The dataset as a DICOM JSON object; large binary values are replaced by BulkDataURIs."""
+def to_json(ds: Dataset, inherited_utf8: bool = True) -> dict[str, Any]:
+    """The dataset as a DICOM JSON object; large binary values are replaced by BulkDataURIs.
+
+    An item without a Specific Character Set of its own is read in its parent's (PS3.5
+    6.1.2.5.3), which ``inherited_utf8`` carries down."""
     charset = ds.get("SpecificCharacterSet")
-    utf8 = charset in _UTF8_CHARSETS
+    utf8 = inherited_utf8 if charset is None else charset in UTF8_CHARSETS
     out: dict[str, Any] = {}
     for tag in sorted(ds.keys()):
         raw = ds.get_item(tag)
         key = f"{int(tag):08X}"
         try:
             if not isinstance(raw, RawDataElement) or not raw.is_little_endian:
-                raise _Fallback
+                raise Fallback
             vr = raw.VR or dictionary_VR(tag)
             if vr == "SQ" or " or " in vr or raw.length == 0xFFFFFFFF:
-                raise _Fallback
-            out[key] = _raw_json(raw, vr, utf8)
-        except (_Fallback, KeyError, ValueError, UnicodeDecodeError):
+                raise Fallback
+            out[key] = value_json(int(tag), raw.value or b"", vr, utf8)
+        except (Fallback, KeyError, ValueError, UnicodeDecodeError):
             try:
                 element = ds[tag]
                 if element.VR != "SQ":
@@ -139,7 +143,7 @@ def to_json(ds: Dataset) -> dict[str, Any]:
             except Exception:
                 out[key] = _lenient(raw, tag)
                 continue
-            out[key] = {"vr": "SQ", "Value": [to_json(item) for item in element.value]}
+            out[key] = {"vr": "SQ", "Value": [to_json(item, utf8) for item in element.value]}
     return out
 
 
