@@ -325,8 +325,11 @@ class Figure:
     hits: dict[str, int] = field(default_factory=dict)
     expected_hits: int | None = None
     problems: dict[str, list[str]] = field(default_factory=dict)
+    round_ratios: list[float] = field(default_factory=list)  # one per round (--rounds)
 
     def ratio(self) -> float | None:
+        if self.round_ratios:
+            return statistics.median(self.round_ratios)
         ours, theirs = self.values.get("ours"), self.values.get("orthanc")
         if not ours or not theirs:
             return None
@@ -336,6 +339,35 @@ class Figure:
         """Something went wrong: the figure is flagged in the table and the message listed."""
         log(f"  WARNING: {target}: {message}")
         self.problems.setdefault(target, []).append(message)
+
+
+def merge_rounds(rounds: Sequence[dict[str, Figure]]) -> dict[str, Figure]:
+    """One figure per metric from several rounds: the median of each server's values and,
+    as the ratio, the median of the rounds' own ratios. Each round measured both servers
+    minutes apart, so its ratio is what drift of the machine's speed disturbs least."""
+    if len(rounds) == 1:
+        return dict(rounds[0])
+    merged: dict[str, Figure] = {}
+    for key, first in rounds[0].items():
+        present = [r[key] for r in rounds if key in r]
+        figure = Figure(
+            first.metric, first.unit, first.higher_is_better, expected_hits=first.expected_hits
+        )
+        for name in ("orthanc", "ours"):
+            values = [f.values[name] for f in present if name in f.values]
+            if values:
+                figure.values[name] = statistics.median(values)
+            cpu = [f.cpu_s[name] for f in present if name in f.cpu_s]
+            if cpu:
+                figure.cpu_s[name] = statistics.median(cpu)
+            for f in present:
+                figure.problems.setdefault(name, []).extend(f.problems.get(name, []))
+                if name in f.hits:
+                    figure.hits[name] = f.hits[name]
+        figure.problems = {k: v for k, v in figure.problems.items() if v}
+        figure.round_ratios = [r for r in (f.ratio() for f in present) if r is not None]
+        merged[key] = figure
+    return merged
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -619,7 +651,7 @@ def _num(value: float | None, unit: str = "") -> str:
 
 
 def print_table(figures: Sequence[Figure]) -> None:
-    rows = [("metric", "unit", "orthanc", "ours", "ratio", "hits")]
+    rows = [("metric", "unit", "orthanc", "ours", "ratio", "hits", "rounds")]
     for f in figures:
         hits = ""
         if f.hits:
@@ -634,13 +666,14 @@ def print_table(figures: Sequence[Figure]) -> None:
                 _num(f.values.get("ours")) + flag["ours"],
                 "-" if ratio is None else f"{ratio:.2f}x" + (" !" if f.problems else ""),
                 hits,
+                " ".join(f"{r:.2f}" for r in f.round_ratios) if len(f.round_ratios) > 1 else "",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for n, row in enumerate(rows):
         print(
             " | ".join(
-                cell.ljust(w) if i < 2 or i == 5 else cell.rjust(w)
+                cell.ljust(w) if i < 2 or i >= 5 else cell.rjust(w)
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             ).rstrip()
         )
@@ -648,7 +681,8 @@ def print_table(figures: Sequence[Figure]) -> None:
             print("-+-".join("-" * w for w in widths))
     print(
         "\nratio: ours relative to Orthanc, >1 = ours faster "
-        "(throughput: ours/orthanc; times: orthanc/ours). hits: orthanc/ours."
+        "(throughput: ours/orthanc; times: orthanc/ours). hits: orthanc/ours. rounds: each "
+        "round's ratio (--rounds)."
     )
     print("\nserver CPU seconds (for find: per query):")
     for f in figures:
@@ -681,6 +715,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=4, help="parallel associations (4)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per query (5)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times, alternating which server goes first; figures "
+        "are medians and the ratio is the median of the rounds' ratios (1)",
+    )
+    parser.add_argument(
         "--only",
         action="append",
         choices=MEASUREMENTS,
@@ -702,7 +743,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="parent of the work directory ($TMPDIR)")
     parser.add_argument("--orthanc", default=ORTHANC_BINARY, help="Orthanc binary")
     args = parser.parse_args(argv)
-    for name in ("ct", "small", "studies", "parallel", "repeat"):
+    for name in ("ct", "small", "studies", "parallel", "repeat", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
@@ -732,12 +773,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 database_url = stack.enter_context(scratch_postgres(args.database_url, args.keep))
             data = generate(work / "data", args, only)
             move_port = free_port()
-            targets: list[Target] = [
-                OrthancTarget(work / "orthanc", move_port, args.orthanc),
-                OursTarget(work / "ours", move_port, database_url, args.durability),
-            ]
-            for target in targets:
-                bench_target(target, data, args, only, figures, info, work, move_port)
+            rounds: list[dict[str, Figure]] = []
+            for number in range(args.rounds):
+                place = work / f"round{number + 1}" if args.rounds > 1 else work
+                targets: list[Target] = [
+                    OrthancTarget(place / "orthanc", move_port, args.orthanc),
+                    OursTarget(place / "ours", move_port, database_url, args.durability),
+                ]
+                if number % 2:
+                    targets.reverse()  # neither server always runs on a warmer machine
+                if args.rounds > 1:
+                    log(f"== round {number + 1} of {args.rounds}")
+                rounds.append({})
+                for target in targets:
+                    bench_target(target, data, args, only, rounds[-1], info, place, move_port)
+                if args.rounds > 1:
+                    shutil.rmtree(place, ignore_errors=True)
+            figures = merge_rounds(rounds)
     finally:
         if args.keep:
             log(f"kept {work}")
@@ -750,7 +802,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  ours:    {info.get('ours_server', '?')}")
     print(
         f"  --ct {args.ct} --small {args.small} --studies {args.studies} "
-        f"--parallel {args.parallel} --repeat {args.repeat}; only {sorted(only)}"
+        f"--parallel {args.parallel} --repeat {args.repeat} --rounds {args.rounds}; "
+        f"only {sorted(only)}"
     )
     print()
     print_table(list(figures.values()))
