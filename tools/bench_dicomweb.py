@@ -58,6 +58,7 @@ from tools.bench_dimse import (
     cpu_seconds,
     generate_catalog,
     generate_ct,
+    merge_rounds,
     print_table,
 )
 from tools.generate import StudySpec
@@ -373,6 +374,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=50, help="instances per STOW request (50)")
     parser.add_argument("--studies", type=int, default=20000, help="catalog studies (20000)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per query (5)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times, alternating which server goes first; figures "
+        "are medians and the ratio is the median of the rounds' ratios (1)",
+    )
     parser.add_argument("--only", action="append", choices=MEASUREMENTS)
     parser.add_argument("--database-url", default="", help="run ours on this PostgreSQL server")
     parser.add_argument(
@@ -385,7 +393,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--workdir", type=Path, help="parent of the work directory ($TMPDIR)")
     parser.add_argument("--orthanc", default=ORTHANC_BINARY, help="Orthanc binary")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -417,12 +428,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"generating a catalog of {args.studies} studies ...")
                 files, queries = generate_catalog(work / "catalog", args.studies)
                 catalog = (files, queries, work / "catalog")
-            targets: list[Target] = [
-                OrthancTarget(work / "orthanc", args.orthanc),
-                OursTarget(work / "ours", database_url, args.durability),
-            ]
-            for target in targets:
-                bench(target, args, only, ct, catalog, figures, info)
+            rounds: list[dict[str, Figure]] = []
+            for number in range(args.rounds):
+                place = work / f"round{number + 1}" if args.rounds > 1 else work
+                targets: list[Target] = [
+                    OrthancTarget(place / "orthanc", args.orthanc),
+                    OursTarget(place / "ours", database_url, args.durability),
+                ]
+                if number % 2:
+                    targets.reverse()  # neither server always runs on a warmer machine
+                if args.rounds > 1:
+                    log(f"== round {number + 1} of {args.rounds}")
+                rounds.append({})
+                for target in targets:
+                    bench(target, args, only, ct, catalog, rounds[-1], info)
+                if args.rounds > 1:
+                    shutil.rmtree(place, ignore_errors=True)
+            figures = merge_rounds(rounds)
     finally:
         if args.keep:
             log(f"kept {work}")
@@ -433,7 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"DICOMweb benchmark, {info['cpus']} CPUs, {info['date']}")
     print(f"  orthanc: {info.get('orthanc_server', '?')}")
     print(f"  ours:    {info.get('ours_server', '?')}")
-    print(f"  --ct {args.ct} --batch {args.batch} --studies {args.studies} --repeat {args.repeat}")
+    print(
+        f"  --ct {args.ct} --batch {args.batch} --studies {args.studies} --repeat {args.repeat} "
+        f"--rounds {args.rounds}"
+    )
     print()
     print_table(list(figures.values()))
     if args.json:
