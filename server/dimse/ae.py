@@ -19,6 +19,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -115,7 +116,27 @@ class NoDelayServer(ThreadedAssociationServer):
             )
         return client, address
 
+    active = 0  # associations this process is serving
+    _active_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:  # counted before the next accept(), not when the thread runs
+            self.active += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._active_lock:
+                self.active -= 1
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self._serve_connection(request, client_address)
+        finally:
+            with self._active_lock:
+                self.active -= 1
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
         plain = not isinstance(request, ssl.SSLSocket)
         if plain and self.storage is not None and self.storage.serve(request, client_address):
             return
@@ -267,6 +288,9 @@ def event_handlers(archive: Archive, handlers: Handlers | None = None) -> Any:
     ]
 
 
+ACCEPT_YIELD_S = 0.002  # per association in progress; far below an association's set-up
+
+
 class InheritedSocketServer(NoDelayServer):
     """Accepts on a listening socket created by the parent process (see dimse/workers.py)."""
 
@@ -281,6 +305,16 @@ class InheritedSocketServer(NoDelayServer):
 
     def server_activate(self) -> None:
         pass  # the parent already called listen()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Every worker wakes for a new connection and the first to accept() gets it, so four
+        modalities connecting at once often landed three or four on one worker, whose GIL then
+        paced them all while the other core idled. A worker that is already serving waits a
+        moment per association before it accepts: an idle worker wins the race, a busy one
+        still takes the connection when nobody else does (the others are as busy)."""
+        if self.active:
+            time.sleep(ACCEPT_YIELD_S * min(self.active, 8))
+        return super().get_request()
 
 
 def start_dimse(

@@ -3,14 +3,18 @@ that never runs while another process may be writing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
 from tests.dcmtk import findscu, storescu
-from tests.helpers import ServerProcess, echo, have, server_cli, write_config
+from tests.helpers import ServerProcess, echo, have, server_cli, wait_for, write_config
 from tools.generate import StudySpec, small_instance, write
 
 
@@ -91,3 +95,57 @@ def test_import_beside_a_running_server_skips_recovery(tmp_path: Path) -> None:
     server.start()  # alone now: recovery resolves the leftover
     server.stop()
     assert not in_flight.exists()
+
+
+def _established(pid: int, port: int) -> int:
+    """TCP connections to ``port`` that process ``pid`` holds open (from /proc)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def test_associations_are_spread_over_the_workers(tmp_path: Path) -> None:
+    """Every worker wakes for a new connection; before, the first to accept() took it, and four
+    modalities often landed three or four on one worker (one core, one GIL) while the other
+    idled. A worker already serving now lets an idle one go first."""
+    config = write_config(tmp_path / "cfg", server="[ae]\nworkers = 2\n")
+    server = ServerProcess(tmp_path / "data", config).start()
+    try:
+        assert server.proc is not None
+        wait_for(lambda: len(_children(server.proc.pid)) == 2, "two workers")
+        workers = _children(server.proc.pid)
+        ae = AE(ae_title="SPREAD")
+        ae.add_requested_context(CTImageStorage)
+        spreads = []
+        for _ in range(5):
+            held = []
+            for n in range(1, 5):
+                assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING")
+                assert assoc.is_established
+                held.append(assoc)
+                wait_for(
+                    lambda n=n: sum(_established(w, server.port) for w in workers) == n,
+                    "the association on a worker",
+                    10,
+                )
+            spreads.append(sorted(_established(w, server.port) for w in workers))
+            for assoc in held:
+                assoc.release()
+            wait_for(
+                lambda: sum(_established(w, server.port) for w in workers) == 0, "releases", 10
+            )
+        assert spreads.count([2, 2]) >= 4, spreads
+    finally:
+        server.stop()
