@@ -56,6 +56,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
+from tools import fuzz_wire
 from tools.generate import StudySpec, ct_series, many_studies, small_instance, write
 from tools.orthanc import ORTHANC_BINARY, OrthancProcess
 from tools.procs import (
@@ -559,6 +560,67 @@ def measure_find(target: Target, query: FindQuery, repeat: int, figures: dict[st
         figure.problem(target.name, f"{hits} hits, {query.expected} expected")
     figure.values[target.name] = statistics.median(times) * 1000
     log(f"  {query.name}: {hits} hits, median {figure.values[target.name]:.0f} ms")
+    measure_find_on_association(target, query, repeat, figures)
+
+
+def _identifier(keys: dict[str, str]) -> bytes:
+    """The C-FIND identifier findscu sends for ``keys`` (implicit VR little endian)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    for keyword in RETURN_KEYS:
+        setattr(ds, keyword, keys.get(keyword, ""))
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def measure_find_on_association(
+    target: Target, query: FindQuery, repeat: int, figures: dict[str, Figure]
+) -> None:
+    """The same query as a viewer with an open association sends it: C-FIND-RQ to the final
+    response, timed in a client that reads the responses' command sets and skips their data
+    sets. findscu's own start-up and printing (26-29 ms even for one hit) are not in it."""
+    name = f"{query.name}, open association"
+    figure = figures.setdefault(name, Figure(name, "ms", False, expected_hits=query.expected))
+    identifier = _identifier(query.keys)
+    pending = (0xFF00, 0xFF01)
+    times: list[float] = []
+    hits = -1
+    with server_cpu(target, figure), fuzz_wire.association(target.port) as (conn, accepted, most):
+        if fuzz_wire.CONTEXT_ID[(fuzz_wire.STUDY_FIND, fuzz_wire.IMPLICIT)] not in accepted:
+            figure.problem(target.name, "Study Root C-FIND not accepted")
+            return
+        context = fuzz_wire.CONTEXT_ID[(fuzz_wire.STUDY_FIND, fuzz_wire.IMPLICIT)]
+        for number in range(repeat + 1):
+            conn.reply.responses.clear()
+            request = fuzz_wire.find_rq(fuzz_wire.STUDY_FIND, number + 1)
+            started = time.perf_counter()
+            conn.send(fuzz_wire.message(context, request, identifier, most))
+            conn.read_until(lambda r: any(s[2] not in pending for s in r.responses), 120)
+            elapsed = time.perf_counter() - started
+            statuses = [s[2] for s in conn.reply.responses]
+            if not statuses or statuses[-1] in pending:
+                figure.problem(target.name, f"no final response ({conn.reply.events})")
+                return
+            if statuses[-1] != 0:
+                figure.problem(target.name, f"final status 0x{statuses[-1]:04X}")
+            if number == 0:
+                hits = len(statuses) - 1  # the warm-up counts; the others are timed
+            else:
+                times.append(elapsed)
+        conn.send(fuzz_wire.release_rq())
+    figure.cpu_s[target.name] /= repeat + 1
+    figure.hits[target.name] = hits
+    if hits != query.expected:
+        figure.problem(target.name, f"{hits} hits, {query.expected} expected")
+    figure.values[target.name] = statistics.median(times) * 1000
+    log(f"  {name}: {hits} hits, median {figure.values[target.name]:.1f} ms")
 
 
 def measure_move(target: Target, series: Series, work: Path, move_port: int, fig: Figure) -> None:
