@@ -109,3 +109,71 @@ def encode_identifier(elements: list[Element], explicit: bool) -> bytes:
         out.write(_header(tag, vr, len(data), explicit))
         out.write(data)
     return out.getvalue()
+
+
+class IdentifierEncoder:
+    """:func:`encode_identifier` of :func:`identifier_elements` for every match of one query,
+    with what does not change between matches (which keys, their VRs and element headers)
+    worked out once: a wide C-FIND sends thousands of responses.
+
+    Matches that need stored metadata (keys outside the catalog columns) take the general
+    path; the output is the same byte for byte (tests/unit/test_response_encoding.py).
+    """
+
+    def __init__(self, query: Query, explicit: bool) -> None:
+        self.query = query
+        self.explicit = explicit
+        tags = {UNIQUE_KEY[level].tag for level in query.model.levels() if level <= query.level}
+        tags.update(query.requested_tags())
+        self.general = any(tag not in BY_TAG or tag <= _CHARSET_TAG for tag in tags)
+        level = query.level.name.encode("ascii")
+        if len(level) % 2:
+            level += b" "
+        self.lead = [(0x00080052, "CS", _header(0x00080052, "CS", len(level), explicit) + level)]
+        self.plan: list[tuple[int, str, bytes]] = []  # tag, VR, header without the length
+        for tag in sorted(tags):
+            if tag in BY_TAG:
+                vr = BY_TAG[tag].vr
+                self.plan.append(
+                    (
+                        tag,
+                        vr,
+                        _header(tag, vr, 0, explicit)[
+                            : -4 if not explicit or vr in _LONG_VRS else -2
+                        ],
+                    )
+                )
+        self.long_length = not explicit
+        self.charset = _header(_CHARSET_TAG, "CS", 10, explicit) + b"ISO_IR 192"
+
+    def encode(self, match: Match) -> bytes:
+        if self.general:
+            return encode_identifier(identifier_elements(self.query, match), self.explicit)
+        values = match.values
+        texts: list[str | None] = []
+        utf8 = False
+        for tag, _, _ in self.plan:
+            value = values.get(tag)
+            if value is None or value == "":
+                texts.append(None)
+                continue
+            shown = str(value)
+            if not shown.isascii():
+                utf8 = True
+            texts.append(shown)
+        out = [self.charset] if utf8 else []
+        lead_tag, _, lead = self.lead[0]
+        placed = False
+        encoding = "utf-8" if utf8 else "ascii"
+        for (tag, vr, prefix), text in zip(self.plan, texts, strict=True):
+            if not placed and tag >= lead_tag:
+                out.append(lead)
+                placed = True
+            data = b"" if text is None else text.encode(encoding)
+            if len(data) % 2:
+                data += b"\0" if vr == "UI" else b" "
+            wide = self.long_length or vr in _LONG_VRS
+            out.append(prefix + len(data).to_bytes(4 if wide else 2, "little") + data)
+        if not placed:
+            out.append(lead)
+        return b"".join(out)

@@ -24,7 +24,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from server.catalog.search import Match
 from server.dicom.query import Query
-from server.dicom.response import encode_identifier, identifier_elements
+from server.dicom.response import IdentifierEncoder
 
 _FLUSH_BYTES = 64 * 1024  # also how often a C-CANCEL is noticed
 COMMAND_LAST = 0x03  # message control header: command, last fragment
@@ -93,8 +93,9 @@ def send_find_pending(event: Any, query: Query, matches: Iterable[Match]) -> boo
     send = event.assoc.dul.socket.send
     buffer: list[bytes] = []
     size = 0
+    encoder = IdentifierEncoder(query, explicit)
     for match in matches:
-        data = encode_identifier(identifier_elements(query, match), explicit)
+        data = encoder.encode(match)
         message = pdata_message(context.context_id, command, data, max_length)
         buffer.append(message)
         size += len(message)

@@ -9,7 +9,12 @@ from pydicom.filewriter import write_dataset
 from server.catalog.search import Match
 from server.dicom.attributes import BY_KEYWORD, Level
 from server.dicom.query import Model, Query, constraint
-from server.dicom.response import encode_identifier, find_identifier, identifier_elements
+from server.dicom.response import (
+    IdentifierEncoder,
+    encode_identifier,
+    find_identifier,
+    identifier_elements,
+)
 from server.dimse.fastpath import find_rsp_command, pdata_message
 
 
@@ -96,3 +101,38 @@ def test_command_set_fragmented_for_tiny_max_length() -> None:
         offset += 6 + length
     assert (got_command, got_data) == (command, data)
     assert headers.count(0x03) == 1 and headers.count(0x02) == 1  # one last fragment each
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("level", [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE])
+def test_the_per_query_encoder_gives_the_same_bytes(level: Level, explicit: bool) -> None:
+    """IdentifierEncoder works out each query's element headers once; per match it must give
+    exactly what the general path gives (with and without text that needs UTF-8, empty and
+    integer values, odd lengths padded)."""
+    keywords = ["PatientName", "PatientID", "StudyDate", "NumberOfStudyRelatedInstances"]
+    if level >= Level.SERIES:
+        keywords += ["Modality", "SeriesNumber", "SeriesInstanceUID"]
+    if level >= Level.IMAGE:
+        keywords += ["SOPInstanceUID", "InstanceNumber", "SOPClassUID"]
+    cs = [constraint(BY_KEYWORD[k].tag, BY_KEYWORD[k].vr, [""]) for k in keywords]
+    query = Query(level, Model.STUDY_ROOT, tuple(cs))
+    encoder = IdentifierEncoder(query, explicit)
+    assert not encoder.general
+    rows = [
+        {"PatientName": "DOE^JOHN", "PatientID": "P1", "NumberOfStudyRelatedInstances": 12},
+        {"PatientName": "Müller^Jörg", "PatientID": "P22", "StudyDate": ""},
+        {"PatientName": None, "SeriesNumber": 3, "InstanceNumber": 101, "Modality": "CT"},
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "SeriesInstanceUID": "1.2.3"},
+    ]
+    for row in rows:
+        values = {BY_KEYWORD[k].tag: v for k, v in row.items()}
+        values.update({BY_KEYWORD["StudyInstanceUID"].tag: "1.2.3.45"})
+        match = Match(level, values)
+        assert encoder.encode(match) == encode_identifier(
+            identifier_elements(query, match), explicit
+        )
+
+
+def test_keys_outside_the_catalog_take_the_general_path() -> None:
+    encoder = IdentifierEncoder(_query("PatientName"), True)  # InstitutionName: metadata
+    assert encoder.general
