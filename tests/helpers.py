@@ -264,3 +264,14 @@ def study_find(port: int, patient_id: str, calling: str = "FINDSCU") -> tuple[in
     finally:
         assoc.release()
     return final, comment, pending
+
+
+def part10(ds: Any, syntax: str | None = None) -> bytes:
+    """``ds`` as DICOM file bytes (PS3.10), in ``syntax`` when given."""
+    import io
+
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -55,11 +55,12 @@ from tools.bench_dimse import (
     Figure,
     FindQuery,
     Series,
+    add_rounds_option,
     cpu_seconds,
     generate_catalog,
     generate_ct,
-    merge_rounds,
     print_table,
+    run_rounds,
 )
 from tools.generate import StudySpec
 from tools.orthanc import ORTHANC_BINARY, OrthancProcess
@@ -374,13 +375,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=50, help="instances per STOW request (50)")
     parser.add_argument("--studies", type=int, default=20000, help="catalog studies (20000)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per query (5)")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="run everything this many times, alternating which server goes first; figures "
-        "are medians and the ratio is the median of the rounds' ratios (1)",
-    )
+    add_rounds_option(parser)
     parser.add_argument("--only", action="append", choices=MEASUREMENTS)
     parser.add_argument("--database-url", default="", help="run ours on this PostgreSQL server")
     parser.add_argument(
@@ -428,23 +423,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"generating a catalog of {args.studies} studies ...")
                 files, queries = generate_catalog(work / "catalog", args.studies)
                 catalog = (files, queries, work / "catalog")
-            rounds: list[dict[str, Figure]] = []
-            for number in range(args.rounds):
-                place = work / f"round{number + 1}" if args.rounds > 1 else work
-                targets: list[Target] = [
+
+            def targets(place: Path) -> list[Target]:
+                return [
                     OrthancTarget(place / "orthanc", args.orthanc),
                     OursTarget(place / "ours", database_url, args.durability),
                 ]
-                if number % 2:
-                    targets.reverse()  # neither server always runs on a warmer machine
-                if args.rounds > 1:
-                    log(f"== round {number + 1} of {args.rounds}")
-                rounds.append({})
-                for target in targets:
-                    bench(target, args, only, ct, catalog, rounds[-1], info)
-                if args.rounds > 1:
-                    shutil.rmtree(place, ignore_errors=True)
-            figures = merge_rounds(rounds)
+
+            def run(target: Target, place: Path, found: dict[str, Figure]) -> None:
+                bench(target, args, only, ct, catalog, found, info)
+
+            figures = run_rounds(args.rounds, work, targets, run)
     finally:
         if args.keep:
             log(f"kept {work}")

@@ -47,11 +47,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -343,6 +343,9 @@ class Figure:
         self.problems.setdefault(target, []).append(message)
 
 
+T = TypeVar("T")  # a server under test
+
+
 def merge_rounds(rounds: Sequence[dict[str, Figure]]) -> dict[str, Figure]:
     """One figure per metric from several rounds: the median of each server's values and,
     as the ratio, the median of the rounds' own ratios. Each round measured both servers
@@ -370,6 +373,40 @@ def merge_rounds(rounds: Sequence[dict[str, Figure]]) -> dict[str, Figure]:
         figure.round_ratios = [r for r in (f.ratio() for f in present) if r is not None]
         merged[key] = figure
     return merged
+
+
+def run_rounds(
+    rounds: int,
+    work: Path,
+    make_targets: Callable[[Path], list[T]],
+    run: Callable[[T, Path, dict[str, Figure]], None],
+) -> dict[str, Figure]:
+    """``run`` every target ``rounds`` times, alternating which goes first, each round in a
+    directory of its own; the merged figures (:func:`merge_rounds`)."""
+    measured: list[dict[str, Figure]] = []
+    for number in range(rounds):
+        place = work / f"round{number + 1}" if rounds > 1 else work
+        targets = make_targets(place)
+        if number % 2:
+            targets.reverse()  # neither server always runs on a warmer machine
+        if rounds > 1:
+            log(f"== round {number + 1} of {rounds}")
+        measured.append({})
+        for target in targets:
+            run(target, place, measured[-1])
+        if rounds > 1:
+            shutil.rmtree(place, ignore_errors=True)
+    return merge_rounds(measured)
+
+
+def add_rounds_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times, alternating which server goes first; figures "
+        "are medians and the ratio is the median of the rounds' ratios (1)",
+    )
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -813,13 +850,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--studies", type=int, default=20000, help="catalog studies (20000)")
     parser.add_argument("--parallel", type=int, default=4, help="parallel associations (4)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per query (5)")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="run everything this many times, alternating which server goes first; figures "
-        "are medians and the ratio is the median of the rounds' ratios (1)",
-    )
+    add_rounds_option(parser)
     parser.add_argument(
         "--only",
         action="append",
@@ -872,23 +903,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 database_url = stack.enter_context(scratch_postgres(args.database_url, args.keep))
             data = generate(work / "data", args, only)
             move_port = free_port()
-            rounds: list[dict[str, Figure]] = []
-            for number in range(args.rounds):
-                place = work / f"round{number + 1}" if args.rounds > 1 else work
-                targets: list[Target] = [
+
+            def targets(place: Path) -> list[Target]:
+                return [
                     OrthancTarget(place / "orthanc", move_port, args.orthanc),
                     OursTarget(place / "ours", move_port, database_url, args.durability),
                 ]
-                if number % 2:
-                    targets.reverse()  # neither server always runs on a warmer machine
-                if args.rounds > 1:
-                    log(f"== round {number + 1} of {args.rounds}")
-                rounds.append({})
-                for target in targets:
-                    bench_target(target, data, args, only, rounds[-1], info, place, move_port)
-                if args.rounds > 1:
-                    shutil.rmtree(place, ignore_errors=True)
-            figures = merge_rounds(rounds)
+
+            def run(target: Target, place: Path, found: dict[str, Figure]) -> None:
+                bench_target(target, data, args, only, found, info, place, move_port)
+
+            figures = run_rounds(args.rounds, work, targets, run)
     finally:
         if args.keep:
             log(f"kept {work}")

@@ -29,6 +29,7 @@ _LONG_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 )
 _CHARSET_TAG = 0x00080005
+_LEVEL_TAG = 0x00080052  # Query/Retrieve Level
 
 
 def _no_bulk(tag: str, vr: str, uri: str) -> bytes:
@@ -47,7 +48,7 @@ def identifier_elements(query: Query, match: Match) -> list[Element]:
     """The response's elements in tag order, SpecificCharacterSet included when needed."""
     tags = {UNIQUE_KEY[level].tag for level in query.model.levels() if level <= query.level}
     tags.update(query.requested_tags())
-    elements: list[Element] = [(0x00080052, "CS", query.level.name)]
+    elements: list[Element] = [(_LEVEL_TAG, "CS", query.level.name)]
     utf8 = False
     for tag in sorted(tags):
         attr = BY_TAG.get(tag)
@@ -129,21 +130,16 @@ class IdentifierEncoder:
         level = query.level.name.encode("ascii")
         if len(level) % 2:
             level += b" "
-        self.lead = [(0x00080052, "CS", _header(0x00080052, "CS", len(level), explicit) + level)]
-        self.plan: list[tuple[int, str, bytes]] = []  # tag, VR, header without the length
-        for tag in sorted(tags):
-            if tag in BY_TAG:
-                vr = BY_TAG[tag].vr
-                self.plan.append(
-                    (
-                        tag,
-                        vr,
-                        _header(tag, vr, 0, explicit)[
-                            : -4 if not explicit or vr in _LONG_VRS else -2
-                        ],
-                    )
-                )
-        self.long_length = not explicit
+        self.level = _header(_LEVEL_TAG, "CS", len(level), explicit) + level
+        # per key: tag, element header without its length, the length's width, padding
+        self.plan: list[tuple[int, bytes, int, bytes]] = []
+        for tag in sorted(t for t in tags if t in BY_TAG):
+            vr = BY_TAG[tag].vr
+            width = 4 if not explicit or vr in _LONG_VRS else 2
+            pad = b"\0" if vr == "UI" else b" "
+            self.plan.append((tag, _header(tag, vr, 0, explicit)[:-width], width, pad))
+        # where Query/Retrieve Level goes among the keys (tag order)
+        self.level_at = sum(1 for tag, _, _, _ in self.plan if tag < _LEVEL_TAG)
         self.charset = _header(_CHARSET_TAG, "CS", 10, explicit) + b"ISO_IR 192"
 
     def encode(self, match: Match) -> bytes:
@@ -152,7 +148,7 @@ class IdentifierEncoder:
         values = match.values
         texts: list[str | None] = []
         utf8 = False
-        for tag, _, _ in self.plan:
+        for tag, _, _, _ in self.plan:
             value = values.get(tag)
             if value is None or value == "":
                 texts.append(None)
@@ -161,19 +157,15 @@ class IdentifierEncoder:
             if not shown.isascii():
                 utf8 = True
             texts.append(shown)
-        out = [self.charset] if utf8 else []
-        lead_tag, _, lead = self.lead[0]
-        placed = False
         encoding = "utf-8" if utf8 else "ascii"
-        for (tag, vr, prefix), text in zip(self.plan, texts, strict=True):
-            if not placed and tag >= lead_tag:
-                out.append(lead)
-                placed = True
+        out = [self.charset] if utf8 else []
+        for index, ((_, prefix, width, pad), text) in enumerate(zip(self.plan, texts, strict=True)):
+            if index == self.level_at:
+                out.append(self.level)
             data = b"" if text is None else text.encode(encoding)
             if len(data) % 2:
-                data += b"\0" if vr == "UI" else b" "
-            wide = self.long_length or vr in _LONG_VRS
-            out.append(prefix + len(data).to_bytes(4 if wide else 2, "little") + data)
-        if not placed:
-            out.append(lead)
+                data += pad
+            out.append(prefix + len(data).to_bytes(width, "little") + data)
+        if self.level_at == len(self.plan):
+            out.append(self.level)
         return b"".join(out)

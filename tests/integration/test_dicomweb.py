@@ -30,6 +30,7 @@ from tests.helpers import (
     catalog,
     free_port,
     have,
+    part10,
     run,
     storescp,
 )
@@ -452,12 +453,6 @@ def test_wado_unknown_resources_answer_404(archive: Archive) -> None:
 _multipart = stow_body
 
 
-def _encoded(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def test_stow_stores_and_cfind_and_cmove_see_it(archive: Archive, tmp_path: Path) -> None:
     spec = StudySpec(patient_id="STOW-P1", patient_name="STOWED^ONE", accession="SACC1")
     datasets = list(ct_series(spec, 3, 32))
@@ -501,7 +496,7 @@ def test_stow_partial_failure_and_status_codes(archive: Archive) -> None:
     good = small_instance(spec)
     other_study = small_instance(StudySpec(patient_id="STOW-P3"))
     body, content_type = _multipart(
-        [_encoded(good), b"this is not DICOM at all", _encoded(other_study)]
+        [part10(good), b"this is not DICOM at all", part10(other_study)]
     )
     response = archive.http.post(
         f"/studies/{spec.study_uid}",
@@ -548,7 +543,7 @@ def test_stow_partial_failure_and_status_codes(archive: Archive) -> None:
 def test_stow_of_many_parts_streams_each_through_ingest(archive: Archive) -> None:
     spec = StudySpec(patient_id="STOW-P4", patient_name="STOWED^MANY")
     datasets = list(ct_series(spec, 20, 128))
-    body, content_type = _multipart([_encoded(d) for d in datasets], "b" * 40)
+    body, content_type = _multipart([part10(d) for d in datasets], "b" * 40)
 
     def chunks() -> Iterator[bytes]:  # a streamed request body in odd-sized pieces
         for start in range(0, len(body), 7919):
@@ -568,7 +563,7 @@ def test_stow_flags_nonconformant_instances_but_stores_them(archive: Archive) ->
     odd = small_instance(spec)
     del odd.PatientSex  # Type 2: must be present, even empty
     odd.HighBit = 3  # inconsistent with BitsStored 8
-    body, content_type = _multipart([_encoded(odd)])
+    body, content_type = _multipart([part10(odd)])
     response = archive.http.post("/studies", content=body, headers={"Content-Type": content_type})
     assert response.status_code == 202, response.text
     item = response.json()["00081199"]["Value"][0]

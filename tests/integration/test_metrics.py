@@ -8,7 +8,6 @@ directory let us check directly.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -26,13 +25,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     CTImageStorage,
 )
 
-from tests.helpers import ServerProcess, store_as, study_find, user_token, write_config
+from tests.helpers import ServerProcess, part10, store_as, study_find, user_token, write_config
 from tools.generate import StudySpec, ct_series, small_instance
 from tools.procs import stow_body
 
@@ -96,12 +94,6 @@ def per_process(directory: Path) -> dict[int, Samples]:
     return out
 
 
-def _encoded(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 _multipart = stow_body
 
 
@@ -140,7 +132,7 @@ def test_counters_and_histograms_move_and_add_up_over_workers(served: ServerProc
     spec = StudySpec(patient_id="METRICS-P1", patient_name="METRIC^ONE")
     cts = list(ct_series(spec, 3, 32))
     store_as(served.port, "METRICS1", cts)
-    parts = [_encoded(small_instance(spec, number=n)) for n in (1, 2)]
+    parts = [part10(small_instance(spec, number=n)) for n in (1, 2)]
     for sent in (parts, parts[:1]):
         body, content_type = _multipart(sent)
         stow = httpx.post(
@@ -259,7 +251,7 @@ def _log_lines(server: ServerProcess) -> list[dict[str, Any]]:
 def test_json_logs_carry_request_and_association_ids(served: ServerProcess) -> None:
     # A STOW-RS part of another study is refused, with a warning in the log.
     spec = StudySpec(patient_id="METRICS-LOG")
-    body, content_type = _multipart([_encoded(small_instance(spec))])
+    body, content_type = _multipart([part10(small_instance(spec))])
     response = httpx.post(
         f"{served.dicomweb}/studies/1.2.826.0.1.3680043.2.1125.1",
         content=body,

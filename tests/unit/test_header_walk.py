@@ -27,6 +27,7 @@ from pydicom.uid import (
 
 from server.dicom.header import read_header
 from server.dicom.json import to_json
+from tests.helpers import part10
 from tools.generate import StudySpec, ct_series, small_instance
 
 
@@ -92,13 +93,6 @@ def _latin1_items() -> Dataset:
     return ds
 
 
-def _encode(ds: Dataset, syntax: str) -> bytes:
-    ds.file_meta.TransferSyntaxUID = syntax
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def _pydicom(data: bytes) -> tuple[dict[str, Any], str, int] | str:
     """What ingest got before: dcmread up to Pixel Data, then to_json; or the failure."""
     stream = io.BytesIO(data)
@@ -121,11 +115,11 @@ def _corpus() -> list[bytes]:
             lambda: _nested(True),
             lambda: small_instance(StudySpec()),
         ):
-            files.append(_encode(make(), syntax))
-        files.append(_encode(ct, syntax))
+            files.append(part10(make(), syntax))
+        files.append(part10(ct, syntax))
     compressed = next(ct_series(StudySpec(), 1, 16))
     compressed.PixelData = encapsulate([b"\xff\xd8 not really a JPEG \xff\xd9"])
-    files.append(_encode(compressed, JPEGBaseline8Bit))
+    files.append(part10(compressed, JPEGBaseline8Bit))
     return files
 
 
@@ -155,7 +149,7 @@ def test_sequences_reach_the_json() -> None:
     assert fast.json["00091012"] == {"vr": "OB", "BulkDataURI": "bulkdata/00091012"}
 
 
-LATIN1 = [_encode(_latin1_items(), s) for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
+LATIN1 = [part10(_latin1_items(), s) for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
 
 
 @pytest.mark.parametrize("data", LATIN1)
@@ -171,7 +165,7 @@ def test_items_inherit_the_character_set(data: bytes) -> None:
 
 @pytest.mark.parametrize("syntax", [ExplicitVRBigEndian, "1.2.840.10008.1.2.1.99"])
 def test_other_byte_orders_and_deflate_are_left_to_pydicom(syntax: str) -> None:
-    assert read_header(_encode(small_instance(StudySpec()), syntax)) is None
+    assert read_header(part10(small_instance(StudySpec()), syntax)) is None
 
 
 def _mutations(rng: random.Random, data: bytes) -> bytes:
@@ -217,4 +211,4 @@ def test_deep_nesting_is_left_to_pydicom() -> None:
         inner = Dataset()
         item.ContentSequence = [inner]
         item = inner
-    assert read_header(_encode(ds, ExplicitVRLittleEndian)) is None
+    assert read_header(part10(ds, ExplicitVRLittleEndian)) is None

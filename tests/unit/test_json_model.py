@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from server.dicom.json import BULK_DATA_THRESHOLD, _bulk_uri, to_json
+from tests.helpers import part10
 from tools.generate import StudySpec, ct_series, small_instance
 
 
@@ -46,13 +47,6 @@ def _rich() -> Dataset:
     return ds
 
 
-def _encoded(ds: Dataset, syntax: str) -> bytes:
-    ds.file_meta.TransferSyntaxUID = syntax
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _read(data: bytes) -> Dataset:
     return dcmread(io.BytesIO(data), stop_before_pixels=True)
 
@@ -62,7 +56,7 @@ def _read(data: bytes) -> Dataset:
 )
 @pytest.mark.parametrize("make", [_rich, lambda: next(ct_series(StudySpec(), 1, 16))])
 def test_same_as_pydicom(make, syntax: str) -> None:  # type: ignore[no-untyped-def]
-    data = _encoded(make(), syntax)
+    data = part10(make(), syntax)
     expected = _reference(_read(data))
     assert len(expected) > 20
     assert to_json(_read(data)) == expected
@@ -71,8 +65,8 @@ def test_same_as_pydicom(make, syntax: str) -> None:  # type: ignore[no-untyped-
 def test_latin1_text_uses_pydicom() -> None:
     ds = small_instance(StudySpec(patient_name="ANDRÉ^PIERRE"))
     ds.SpecificCharacterSet = "ISO_IR 100"
-    read = _read(_encoded(ds, ExplicitVRLittleEndian))
-    assert to_json(read) == _reference(_read(_encoded(ds, ExplicitVRLittleEndian)))
+    read = _read(part10(ds, ExplicitVRLittleEndian))
+    assert to_json(read) == _reference(_read(part10(ds, ExplicitVRLittleEndian)))
     assert to_json(read)["00100010"]["Value"] == [{"Alphabetic": "ANDRÉ^PIERRE"}]
 
 
@@ -84,7 +78,7 @@ def test_ingest_header_parse_equals_dcmread(syntax: str) -> None:
     """Ingest reads the header by hand where it can; what it gets must be pydicom's."""
     from server.ingest import _parse
 
-    data = _encoded(_rich(), syntax)
+    data = part10(_rich(), syntax)
     parsed = _parse(data)
     assert parsed.encoded is data
     assert parsed.header == to_json(_read(data))
