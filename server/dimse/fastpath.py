@@ -13,6 +13,7 @@ PS3.7 9.1.2 (C-FIND-RSP command set), PS3.8 9.3.5 (P-DATA-TF PDU, PDV items).
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterable
 from typing import Any, cast
@@ -236,9 +237,30 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
     if command is None:
         _original_send_msg(self, primitive, context_id)
         return
+    if isinstance(primitive, C_MOVE) and _send_direct(self, context_id, command):
+        return
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, bytes([COMMAND_LAST]) + command))
     self.dul.send_pdu(pdata)
+
+
+def _send_direct(dimse: DIMSEServiceProvider, context_id: int, command: bytes) -> bool:
+    """A pending C-MOVE-RSP written to the socket by the association's own thread, as the
+    C-FIND responses are: the socket thread would otherwise wake for each sub-operation and
+    take the GIL from the thread sending the next one.  Only on a plain socket (the socket
+    thread may be reading a TLS one, and OpenSSL's state is not shared safely) and with nothing
+    queued for the socket thread to send before it."""
+    dul = dimse.dul
+    transport = dul.socket
+    sock = getattr(transport, "socket", None)
+    if type(sock) is not socket.socket or dul.to_provider_queue.qsize():
+        return False
+    max_length = int(dimse.maximum_pdu_size or 0)
+    try:
+        sock.sendall(pdata_message(context_id, command, None, max_length))
+    except OSError:
+        return False  # pynetdicom's socket thread finds out and ends the association
+    return True
 
 
 _original_send_msg = DIMSEServiceProvider.send_msg

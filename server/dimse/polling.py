@@ -50,6 +50,10 @@ def _wakeup_pair(dul: Any) -> tuple[socket.socket, socket.socket]:
 
 
 def _dul_wait(dul: Any, timeout: float) -> None:
+    hold = dul.__dict__.get("_park")
+    if hold is not None and hold.want.is_set():
+        _hold_parked(hold, lambda: bool(dul._kill_thread))
+        return
     reader = _wakeup_pair(dul)[0]
     fds: list[Any] = [reader]
     transport = getattr(dul, "socket", None)
@@ -85,14 +89,18 @@ def _park_of(assoc: Any) -> _Park:
     return park
 
 
+def _hold_parked(park: _Park, killed: Any) -> None:
+    while park.want.is_set() and not killed():
+        park.parked.set()
+        park.released.wait(0.01)
+    park.parked.clear()
+
+
 def _assoc_wait(assoc: Any, timeout: float) -> None:
     park = _park_of(assoc)
     park.wake.wait(timeout)
     park.wake.clear()
-    while park.want.is_set() and not assoc._kill:
-        park.parked.set()
-        park.released.wait(0.01)
-    park.parked.clear()
+    _hold_parked(park, lambda: bool(assoc._kill))
 
 
 @contextlib.contextmanager
@@ -110,6 +118,24 @@ def park(assoc: Any, timeout: float = 2.0) -> Iterator[bool]:
     state.released.clear()
     state.want.set()
     state.wake.set()
+    parked = state.parked.wait(timeout)
+    try:
+        yield parked
+    finally:
+        state.want.clear()
+        state.released.set()
+
+
+@contextlib.contextmanager
+def park_socket_reader(dul: Any, timeout: float = 2.0) -> Iterator[bool]:
+    """Hold an association's DUL thread inside its wait, off the socket, so that the caller
+    may read the peer's PDUs itself (the C-MOVE fast path); yields False if it did not park
+    in time.  While held, the thread neither reads nor sends: the caller owns the socket."""
+    state = _park_of(dul)
+    state.released.clear()
+    state.want.set()
+    with contextlib.suppress(BlockingIOError, OSError):
+        _wakeup_pair(dul)[1].send(b"\0")
     parked = state.parked.wait(timeout)
     try:
         yield parked

@@ -1,0 +1,121 @@
+"""The C-MOVE fast path reads each destination's C-STORE-RSP from the socket itself
+(server/dimse/retrieve.read_store_response): PS3.8 9.3.5 framing, PS3.7 9.3.1.2 fields, and
+everything it does not own left in the socket for pynetdicom."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from server.dimse.fastpath import COMMAND_LAST, COMMAND_MORE, DATA_LAST, pdu, pdv, response_command
+from server.dimse.retrieve import ResponseError, read_store_response
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+INSTANCE = "1.2.826.0.1.3680043.10.1439.1"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def _rsp(message_id: int = 7, status: int = 0, comment: str | None = None) -> bytes:
+    return response_command(0x8001, CT, message_id, status, INSTANCE, comment)
+
+
+def test_one_pdu(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    theirs.sendall(pdu(pdv(1, COMMAND_LAST, _rsp(status=0xB000, comment="coerced"))))
+    assert read_store_response(ours, 7, 5) == (0xB000, "coerced")
+
+
+def test_fragments_over_items_and_pdus(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    command = _rsp(status=0xA700)
+    first, second, third = command[:10], command[10:50], command[50:]
+    theirs.sendall(pdu(pdv(1, COMMAND_MORE, first) + pdv(1, COMMAND_MORE, second)))
+    theirs.sendall(pdu(pdv(1, COMMAND_LAST, third)))
+    assert read_store_response(ours, 7, 5) == (0xA700, "")
+
+
+def test_header_arriving_in_pieces(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    message = pdu(pdv(1, COMMAND_LAST, _rsp()))
+
+    def dribble() -> None:
+        theirs.sendall(message[:3])
+        time.sleep(0.05)
+        theirs.sendall(message[3:])
+
+    writer = threading.Thread(target=dribble)
+    writer.start()
+    assert read_store_response(ours, 7, 5) == (0, "")
+    writer.join()
+
+
+def test_other_pdus_are_left_for_pynetdicom(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    abort = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0, 0)
+    theirs.sendall(abort)
+    assert read_store_response(ours, 7, 5) is None
+    assert ours.recv(100) == abort  # still there, whole
+
+
+def test_closed_connection_is_left_for_pynetdicom(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    theirs.close()
+    assert read_store_response(ours, 7, 5) is None
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pdu(pdv(1, COMMAND_LAST, _rsp(message_id=8))),  # another request's response
+        pdu(pdv(1, COMMAND_LAST, response_command(0x8030, CT, 7, 0))),  # a C-ECHO-RSP
+        pdu(pdv(1, DATA_LAST, b"\0" * 8)),  # a data set where the command should be
+        pdu(pdv(1, COMMAND_LAST, _rsp()) + pdv(1, DATA_LAST, b"\0" * 8)),  # and one after it
+        pdu(pdv(1, COMMAND_LAST, _rsp()[:-3])),  # the last element cut short
+        pdu(struct.pack(">IBB", 400, 1, COMMAND_LAST) + _rsp()),  # item longer than its PDU
+        pdu(pdv(1, COMMAND_MORE, _rsp()[:20])) + struct.pack(">BBI", 0x07, 0, 4) + bytes(4),
+    ],
+    ids=[
+        "other-message",
+        "not-c-store-rsp",
+        "data",
+        "data-after",
+        "cut",
+        "overrun",
+        "abort-inside",
+    ],
+)
+def test_malformed_responses_raise(pair: tuple[socket.socket, socket.socket], wire: bytes) -> None:
+    ours, theirs = pair
+    theirs.sendall(wire)
+    with pytest.raises(ResponseError):
+        read_store_response(ours, 7, 5)
+
+
+def test_pdu_cut_by_closing(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    theirs.sendall(pdu(pdv(1, COMMAND_LAST, _rsp()))[:-5])
+    theirs.close()
+    with pytest.raises(ResponseError):
+        read_store_response(ours, 7, 5)
+
+
+def test_silence_times_out(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, _ = pair
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        read_store_response(ours, 7, 0.2)
+    assert time.monotonic() - started < 5
