@@ -35,7 +35,7 @@ _PATIENT_COUNTS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Match:
     """One result entity: catalog values by tag, plus the first instance's JSON if needed."""
 

@@ -131,24 +131,44 @@ class IdentifierEncoder:
         if len(level) % 2:
             level += b" "
         self.level = _header(_LEVEL_TAG, "CS", len(level), explicit) + level
-        # per key: tag, element header without its length, the length's width, padding
-        self.plan: list[tuple[int, bytes, int, bytes]] = []
+        # per key: tag, element header without its length, the length's width, padding, and
+        # the whole element when the value is empty
+        self.plan: list[tuple[int, bytes, int, bytes, bytes]] = []
         for tag in sorted(t for t in tags if t in BY_TAG):
             vr = BY_TAG[tag].vr
             width = 4 if not explicit or vr in _LONG_VRS else 2
             pad = b"\0" if vr == "UI" else b" "
-            self.plan.append((tag, _header(tag, vr, 0, explicit)[:-width], width, pad))
+            prefix = _header(tag, vr, 0, explicit)[:-width]
+            self.plan.append((tag, prefix, width, pad, prefix + bytes(width)))
         # where Query/Retrieve Level goes among the keys (tag order)
-        self.level_at = sum(1 for tag, _, _, _ in self.plan if tag < _LEVEL_TAG)
+        self.level_at = sum(1 for entry in self.plan if entry[0] < _LEVEL_TAG)
         self.charset = _header(_CHARSET_TAG, "CS", 10, explicit) + b"ISO_IR 192"
 
     def encode(self, match: Match) -> bytes:
         if self.general:
             return encode_identifier(identifier_elements(self.query, match), self.explicit)
         values = match.values
+        out: list[bytes] = []
+        try:  # one pass for the common case, every value ASCII (no Specific Character Set)
+            for tag, prefix, width, pad, empty in self.plan:
+                value = values.get(tag)
+                if value is None or value == "":
+                    out.append(empty)
+                    continue
+                data = (value if type(value) is str else str(value)).encode("ascii")
+                if len(data) & 1:
+                    data += pad
+                out.append(prefix + len(data).to_bytes(width, "little") + data)
+        except UnicodeEncodeError:
+            return self._encode_text(values)
+        out.insert(self.level_at, self.level)
+        return b"".join(out)
+
+    def _encode_text(self, values: dict[int, Any]) -> bytes:
+        """Any text: UTF-8 with its Specific Character Set when a value is not ASCII."""
         texts: list[str | None] = []
         utf8 = False
-        for tag, _, _, _ in self.plan:
+        for tag, *_ in self.plan:
             value = values.get(tag)
             if value is None or value == "":
                 texts.append(None)
@@ -159,7 +179,9 @@ class IdentifierEncoder:
             texts.append(shown)
         encoding = "utf-8" if utf8 else "ascii"
         out = [self.charset] if utf8 else []
-        for index, ((_, prefix, width, pad), text) in enumerate(zip(self.plan, texts, strict=True)):
+        for index, ((_, prefix, width, pad, _), text) in enumerate(
+            zip(self.plan, texts, strict=True)
+        ):
             if index == self.level_at:
                 out.append(self.level)
             data = b"" if text is None else text.encode(encoding)

@@ -95,9 +95,25 @@ def send_find_pending(event: Any, query: Query, matches: Iterable[Match]) -> boo
     buffer: list[bytes] = []
     size = 0
     encoder = IdentifierEncoder(query, explicit)
+    context_id = context.context_id
+    command_item = pdv(context_id, COMMAND_LAST, command)
+    fits = (max_length or 1 << 32) - len(command_item) - 6  # the most data one PDU takes
+    data_header = struct.Struct(">IBB")
+    pdu_header = struct.Struct(">BBI")
     for match in matches:
         data = encoder.encode(match)
-        message = pdata_message(context.context_id, command, data, max_length)
+        if len(data) <= fits:  # command and data set in one PDU: the usual case
+            items = len(command_item) + 6 + len(data)
+            message = b"".join(
+                (
+                    pdu_header.pack(0x04, 0, items),
+                    command_item,
+                    data_header.pack(len(data) + 2, context_id, DATA_LAST),
+                    data,
+                )
+            )
+        else:
+            message = pdata_message(context_id, command, data, max_length)
         buffer.append(message)
         size += len(message)
         if size >= _FLUSH_BYTES:
