@@ -345,6 +345,11 @@ def _send_raw(assoc: Association, item: StoredFile, context: Any, **kwargs: Any)
             hold.reader.close()
             _, rsp = assoc.dimse.get_msg(block=True)
             _unhold(assoc)
+    return _received_status(assoc, rsp)
+
+
+def _received_status(assoc: Association, rsp: Any) -> Dataset:
+    """What pynetdicom's send_c_store makes of the response it got (or did not get)."""
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
@@ -364,11 +369,7 @@ def _send_parked(
         max_length = assoc.dimse.maximum_pdu_size
         _stream(transport.socket, fh, context.context_id, command, span, max_length)
         _, rsp = assoc.dimse.get_msg(block=True)
-    if rsp is None:
-        assoc._handle_no_response()
-        return Dataset()
-    status: Dataset = assoc._check_received_status(rsp)
-    return status
+    return _received_status(assoc, rsp)
 
 
 _original_send_c_store = Association.send_c_store
