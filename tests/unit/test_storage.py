@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,54 @@ def test_durable_storage_fsyncs_and_process_level_does_not(
     staged = fast.stage(storage_key("1.2.5"), [b"x"])
     fast.finish(staged, keep=True)
     assert calls == [] and staged.final.read_bytes() == b"x"
+
+
+def _spares(storage: Storage) -> set[int]:
+    """Inode numbers of the spare files waiting in tmp/."""
+    return {p.stat().st_ino for p in storage.tmp.glob("spare.*")}
+
+
+def _wait_for_spares(storage: Storage, count: int) -> set[int]:
+    deadline = time.monotonic() + 30
+    while len(spares := _spares(storage)) < count:
+        assert time.monotonic() < deadline, "the spare files were never created"
+        time.sleep(0.01)
+    return spares
+
+
+def test_writes_take_spare_files_made_ahead(tmp_path: Path) -> None:
+    """The receive path renames a file the spare thread created instead of creating one."""
+    storage = Storage(tmp_path, durable=False)
+    storage.finish(storage.stage(storage_key("1.2.6"), [b"first"]), keep=True)
+    ready = _wait_for_spares(storage, 4)
+    inodes = []
+    for n in range(3):
+        staged = storage.stage(storage_key(f"1.2.7.{n}"), [b"data", bytes([n])])
+        inodes.append(staged.part.stat().st_ino)
+        assert staged.final.read_bytes() == b"data" + bytes([n])
+        storage.finish(staged, keep=True)
+    assert set(inodes) <= ready
+    assert len(set(inodes)) == 3  # never handed out twice
+
+
+def test_spares_removed_under_the_writer_are_replaced_by_new_files(tmp_path: Path) -> None:
+    storage = Storage(tmp_path, durable=False)
+    storage.finish(storage.stage(storage_key("1.2.8"), [b"x"]), keep=True)
+    _wait_for_spares(storage, 4)
+    for spare in storage.tmp.glob("spare.*"):
+        spare.unlink()
+    staged = storage.stage(storage_key("1.2.9"), [b"still stored"])
+    storage.finish(staged, keep=True)
+    assert staged.final.read_bytes() == b"still stored"
+
+
+def test_recovery_removes_spares_and_writes_go_on(tmp_path: Path) -> None:
+    storage = Storage(tmp_path, durable=False)
+    storage.finish(storage.stage(storage_key("1.3.1"), [b"x"]), keep=True)
+    _wait_for_spares(storage, 4)
+    storage.recover(lambda key: None)
+    assert list(storage.tmp.iterdir()) == []
+    staged = storage.stage(storage_key("1.3.2"), [b"after"])  # the spare thread starts again
+    storage.finish(staged, keep=True)
+    assert staged.final.read_bytes() == b"after"
+    _wait_for_spares(storage, 1)
