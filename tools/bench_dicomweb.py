@@ -412,9 +412,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with ExitStack() as stack:
-            database_url = ""
-            if args.database_url:
-                database_url = stack.enter_context(scratch_postgres(args.database_url, args.keep))
+
+            def database_url() -> str:
+                """A scratch PostgreSQL database per round: each round's data directory is
+                new, and a catalog kept from the round before would point at files that are
+                gone (dropped when the run ends)."""
+                if not args.database_url:
+                    return ""
+                return stack.enter_context(scratch_postgres(args.database_url, args.keep))
+
             log(f"generating {args.ct} CT slices (512x512) ...")
             spec = StudySpec(patient_id="BENCHWEB", patient_name="BENCH^WEB", study_date="19990101")
             ct = generate_ct(work / "ct", spec, args.ct)
@@ -427,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def targets(place: Path) -> list[Target]:
                 return [
                     OrthancTarget(place / "orthanc", args.orthanc),
-                    OursTarget(place / "ours", database_url, args.durability),
+                    OursTarget(place / "ours", database_url(), args.durability),
                 ]
 
             def run(target: Target, place: Path, found: dict[str, Figure]) -> None:

@@ -898,16 +898,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         with ExitStack() as stack:
-            database_url = ""
-            if args.database_url:
-                database_url = stack.enter_context(scratch_postgres(args.database_url, args.keep))
+
+            def database_url() -> str:
+                """A scratch PostgreSQL database per round: each round's data directory is
+                new, and a catalog kept from the round before would point at files that are
+                gone (dropped when the run ends)."""
+                if not args.database_url:
+                    return ""
+                return stack.enter_context(scratch_postgres(args.database_url, args.keep))
+
             data = generate(work / "data", args, only)
             move_port = free_port()
 
             def targets(place: Path) -> list[Target]:
                 return [
                     OrthancTarget(place / "orthanc", move_port, args.orthanc),
-                    OursTarget(place / "ours", move_port, database_url, args.durability),
+                    OursTarget(place / "ours", move_port, database_url(), args.durability),
                 ]
 
             def run(target: Target, place: Path, found: dict[str, Figure]) -> None:
