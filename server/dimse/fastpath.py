@@ -253,24 +253,33 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
     if command is None:
         _original_send_msg(self, primitive, context_id)
         return
-    if isinstance(primitive, C_MOVE) and _send_direct(self, context_id, command):
+    if isinstance(primitive, C_MOVE | C_GET) and _send_direct(self, primitive, context_id, command):
         return
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, bytes([COMMAND_LAST]) + command))
     self.dul.send_pdu(pdata)
 
 
-def _send_direct(dimse: DIMSEServiceProvider, context_id: int, command: bytes) -> bool:
-    """A pending C-MOVE-RSP written to the socket by the association's own thread, as the
-    C-FIND responses are: the socket thread would otherwise wake for each sub-operation and
-    take the GIL from the thread sending the next one.  Only on a plain socket (the socket
-    thread may be reading a TLS one, and OpenSSL's state is not shared safely) and with nothing
-    queued for the socket thread to send before it."""
+def _send_direct(
+    dimse: DIMSEServiceProvider, primitive: Any, context_id: int, command: bytes
+) -> bool:
+    """A pending C-MOVE-RSP or C-GET-RSP written to the socket by the association's own
+    thread, as the C-FIND responses are: the socket thread would otherwise wake for each
+    sub-operation and take the GIL from the thread sending the next one.
+
+    C-MOVE: only on a plain socket (the socket thread may be reading a TLS one, and OpenSSL's
+    state is not shared safely) with nothing queued for the socket thread to send before it.
+    C-GET: only while the retrieve holds the socket thread parked (server/dimse/retrieve.py),
+    since the sub-operations' requests go out on the same socket from this thread."""
     dul = dimse.dul
     transport = dul.socket
     sock = getattr(transport, "socket", None)
     if type(sock) is not socket.socket or dul.to_provider_queue.qsize():
         return False
+    if isinstance(primitive, C_GET):
+        hold = dimse.assoc.__dict__.get("_retrieve_hold")
+        if getattr(hold, "sock", None) is None:
+            return False
     max_length = int(dimse.maximum_pdu_size or 0)
     try:
         sock.sendall(pdata_message(context_id, command, None, max_length))

@@ -14,8 +14,12 @@ A C-MOVE's sub-association is ours alone for the whole retrieve, so its two reac
 parked from the first sub-operation until it is released, and each C-STORE-RSP is read straight
 from the socket too (:func:`read_store_response`): pynetdicom's socket thread would otherwise
 decode every response through pydicom and hand it over through two queues, about a fifth of
-each sub-operation.  Anything on the wire other than a P-DATA-TF (an A-ABORT, a release request,
-the connection closing) is left unread for pynetdicom, which handles it as it always has.
+each sub-operation.  A C-GET runs on the requesting association's own reactor thread, so only
+its socket thread is parked, for the whole C-GET; the one other message its peer may send then,
+a C-CANCEL-RQ (PS3.4 C.4.3.3), is recorded where pynetdicom keeps it.  Anything on the wire
+other than a P-DATA-TF (an A-ABORT, a release request, the connection closing) is left unread
+for pynetdicom, which handles it as it always has.  Over TLS the responses still go through
+pynetdicom (decrypted bytes wait inside OpenSSL, out of reach of ``select`` and ``MSG_PEEK``).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_CANCEL
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
@@ -45,6 +51,7 @@ from server.dimse.transport import recv_exactly
 log = logging.getLogger(__name__)
 _P_DATA_TF = 0x04
 _C_STORE_RSP = 0x8001
+_C_CANCEL_RQ = 0x0FFF
 
 
 class StoredFile(Dataset):
@@ -191,14 +198,19 @@ def _us(fields: dict[int, bytes], element: int) -> int | None:
 
 
 def read_store_response(
-    sock: socket.socket, message_id: int, timeout: float | None
+    sock: socket.socket,
+    message_id: int,
+    timeout: float | None,
+    on_cancel: Callable[[int], None] | None = None,
 ) -> tuple[int, str] | None:
     """Status and Error Comment of the C-STORE-RSP to ``message_id``, read from the socket's
     P-DATA-TF PDUs (PS3.8 9.3.5; the command may come in several fragments and PDUs).
 
-    None, with nothing consumed, when the next PDU is something else or the connection closed:
-    pynetdicom must see those.  Raises :class:`ResponseError` (after consuming) for a P-DATA
-    that is not a well-formed C-STORE-RSP to this request, ``TimeoutError`` past ``timeout``."""
+    None, with nothing unhandled consumed, when the next PDU is something else or the
+    connection closed: pynetdicom must see those.  A C-CANCEL-RQ met on the way (the peer of a
+    C-GET cancelling it, PS3.7 9.3.2.3) goes to ``on_cancel`` with the Message ID it cancels,
+    when given.  Raises :class:`ResponseError` (after consuming) for a P-DATA that is not a
+    well-formed C-STORE-RSP to this request, ``TimeoutError`` past ``timeout``."""
     deadline = None if timeout is None else time.monotonic() + timeout
     command = bytearray()
     first = True
@@ -228,11 +240,15 @@ def read_store_response(
             if control & 0x02:
                 if offset != end:
                     raise ResponseError("more PDV items after the last command fragment")
-                return _store_status(bytes(command), message_id)
+                fields = _command_fields(bytes(command))
+                if on_cancel is None or _us(fields, 0x0100) != _C_CANCEL_RQ:
+                    return _store_status(fields, message_id)
+                on_cancel(_us(fields, 0x0120) or 0)
+                command.clear()
+                first = True  # the cancel is dealt with: nothing unhandled was consumed
 
 
-def _store_status(command: bytes, message_id: int) -> tuple[int, str]:
-    fields = _command_fields(command)
+def _store_status(fields: dict[int, bytes], message_id: int) -> tuple[int, str]:
     if _us(fields, 0x0100) != _C_STORE_RSP:
         raise ResponseError(f"command field {_us(fields, 0x0100)!r}, not C-STORE-RSP")
     if _us(fields, 0x0120) != message_id:
@@ -245,7 +261,9 @@ def _store_status(command: bytes, message_id: int) -> tuple[int, str]:
 
 
 class _Hold:
-    """A C-MOVE sub-association's reactor threads, parked while our thread owns its socket."""
+    """An association's reactor threads, parked while our thread owns its socket: both of a
+    C-MOVE's sub-association; for a C-GET, the socket thread of the requesting association
+    (its reactor is the thread running the C-GET)."""
 
     def __init__(self, assoc: Association) -> None:
         self.stack = contextlib.ExitStack()  # closes the reader's park, then the reactor's
@@ -263,7 +281,7 @@ class _Hold:
             self.sock = sock
 
 
-_held = threading.local()  # the sub-associations the current C-MOVE holds
+_held = threading.local()  # the associations the current C-MOVE or C-GET holds
 
 
 def _hold(assoc: Association) -> _Hold:
@@ -306,46 +324,66 @@ def _send_raw(assoc: Association, item: StoredFile, context: Any, **kwargs: Any)
         offset = dataset_offset(fh.read(144))
         if offset is None:
             return None
-        if threading.current_thread() is assoc:
-            # C-GET, on the requesting association's own thread: its DUL thread may still be
-            # sending the previous pending C-GET response, so our PDUs queue behind it.
+        get = threading.current_thread() is assoc
+        if not assoc.is_established or assoc.acse.is_aborted() or not assoc.dul.is_alive():
+            # The peer aborted or went away during an earlier sub-operation (the reactor may
+            # not have noticed yet): this one fails without waiting.
+            return Dataset()
+        hold = _hold(assoc)
+        if hold.sock is None:  # TLS
+            _unhold(assoc)
+            if not get:
+                return _send_parked(assoc, fh, context, command, offset)
+            # C-GET, on the requesting association's own thread: its socket thread may still
+            # be sending the previous pending C-GET response, so our PDUs queue behind it.
             _queue(assoc, fh, context.context_id, command)
             _, rsp = assoc.dimse.get_msg(block=True)
-        else:
-            # C-MOVE: our own association to the destination; nothing else uses it, so the
-            # file goes straight to the socket and the response comes straight from it.
-            if not assoc.is_established or assoc.acse.is_aborted() or not assoc.dul.is_alive():
-                # The destination aborted or went away during an earlier sub-operation (its
-                # reactor may not have noticed yet): this one fails without waiting.
-                return Dataset()
-            hold = _hold(assoc)
-            if hold.sock is None:
-                _unhold(assoc)
-                return _send_parked(assoc, fh, context, command, offset)
-            span = (offset, os.fstat(fh.fileno()).st_size - offset)
-            max_length = assoc.dimse.maximum_pdu_size
-            try:
-                _stream(hold.sock, fh, context.context_id, command, span, max_length)
-                answer = read_store_response(hold.sock, msg_id, assoc.dimse_timeout)
-            except (ResponseError, OSError) as exc:  # TimeoutError is an OSError
-                log.warning("C-STORE sub-operation to %s failed: %s", assoc.acceptor.ae_title, exc)
-                _unhold(assoc)
-                assoc.abort()
-                return Dataset()  # no Status: pynetdicom counts the sub-operation as failed
-            assoc.dul._idle_timer.restart()  # what the DUL thread does for every PDU it reads
-            if answer is not None:
-                code, comment = answer
-                if comment:
-                    log.info(
-                        "C-STORE-RSP 0x%04X from %s: %s", code, assoc.acceptor.ae_title, comment
-                    )
-                return _status(code)
-            # An A-ABORT, a release request or the connection closing: pynetdicom's socket
-            # thread reads it and queues the outcome, which the parked reactor must not take.
-            hold.reader.close()
-            _, rsp = assoc.dimse.get_msg(block=True)
+            return _received_status(assoc, rsp)
+        # C-MOVE: our own association to the destination, nothing else uses it.  C-GET: the
+        # requesting association, whose socket thread stays parked for the whole retrieve
+        # (pending responses go out from this thread too, in order).  Either way the file
+        # goes straight to the socket and the response comes straight from it.
+        span = (offset, os.fstat(fh.fileno()).st_size - offset)
+        max_length = assoc.dimse.maximum_pdu_size
+        try:
+            _stream(hold.sock, fh, context.context_id, command, span, max_length)
+            answer = read_store_response(
+                hold.sock, msg_id, assoc.dimse_timeout, _canceller(assoc) if get else None
+            )
+        except (ResponseError, OSError) as exc:  # TimeoutError is an OSError
+            log.warning("C-STORE sub-operation to %s failed: %s", _peer_title(assoc), exc)
             _unhold(assoc)
+            assoc.abort()
+            return Dataset()  # no Status: pynetdicom counts the sub-operation as failed
+        assoc.dul._idle_timer.restart()  # what the DUL thread does for every PDU it reads
+        if answer is not None:
+            code, comment = answer
+            if comment:
+                log.info("C-STORE-RSP 0x%04X from %s: %s", code, _peer_title(assoc), comment)
+            return _status(code)
+        # An A-ABORT, a release request or the connection closing: pynetdicom's socket
+        # thread reads it and queues the outcome, which a parked reactor must not take.
+        hold.reader.close()
+        _, rsp = assoc.dimse.get_msg(block=True)
+        _unhold(assoc)
     return _received_status(assoc, rsp)
+
+
+def _peer_title(assoc: Association) -> str:
+    return str(assoc.requestor.ae_title if assoc.is_acceptor else assoc.acceptor.ae_title)
+
+
+def _canceller(assoc: Association) -> Callable[[int], None]:
+    """Record a C-CANCEL-RQ as pynetdicom's socket thread would (at most 10 kept), so that
+    ``event.is_cancelled`` sees it."""
+
+    def cancel(message_id: int) -> None:
+        if len(assoc.dimse.cancel_req) < 10:
+            primitive = C_CANCEL()
+            primitive.MessageIDBeingRespondedTo = message_id
+            assoc.dimse.cancel_req[message_id] = primitive
+
+    return cancel
 
 
 def _received_status(assoc: Association, rsp: Any) -> Dataset:
@@ -394,6 +432,7 @@ def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
 _original_release = Association.release
 _original_abort = Association.abort
 _original_move_scp = QueryRetrieveServiceClass._move_scp
+_original_get_scp = QueryRetrieveServiceClass._get_scp
 
 
 def _release(self: Association) -> None:
@@ -406,14 +445,27 @@ def _abort(self: Association, block: bool = True) -> None:
     _original_abort(self, block)
 
 
+def _release_held() -> None:
+    for assoc in getattr(_held, "assocs", ()):
+        _unhold(assoc)
+    _held.assocs = []
+
+
 def _move_scp(self: QueryRetrieveServiceClass, *args: Any, **kwargs: Any) -> None:
     """pynetdicom's C-MOVE SCP; whatever way it ends, no sub-association stays held."""
     try:
         _original_move_scp(self, *args, **kwargs)
     finally:
-        for assoc in getattr(_held, "assocs", ()):
-            _unhold(assoc)
-        _held.assocs = []
+        _release_held()
+
+
+def _get_scp(self: QueryRetrieveServiceClass, *args: Any, **kwargs: Any) -> None:
+    """pynetdicom's C-GET SCP; at its end the socket thread takes over again (and sends the
+    final response, which pynetdicom queued for it)."""
+    try:
+        _original_get_scp(self, *args, **kwargs)
+    finally:
+        _release_held()
 
 
 def install() -> None:
@@ -421,3 +473,4 @@ def install() -> None:
     Association.release = _release  # type: ignore[method-assign]
     Association.abort = _abort  # type: ignore[method-assign]
     QueryRetrieveServiceClass._move_scp = _move_scp  # type: ignore[method-assign]
+    QueryRetrieveServiceClass._get_scp = _get_scp  # type: ignore[method-assign]

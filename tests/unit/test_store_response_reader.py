@@ -119,3 +119,44 @@ def test_silence_times_out(pair: tuple[socket.socket, socket.socket]) -> None:
     with pytest.raises(TimeoutError):
         read_store_response(ours, 7, 0.2)
     assert time.monotonic() - started < 5
+
+
+def _cancel_rq(message_id: int) -> bytes:
+    """A C-CANCEL-RQ command set (PS3.7 9.3.2.3) for the request ``message_id``."""
+    from server.dimse.fastpath import implicit_element
+
+    body = b"".join(
+        (
+            implicit_element(0x00000100, struct.pack("<H", 0x0FFF)),
+            implicit_element(0x00000120, struct.pack("<H", message_id)),
+            implicit_element(0x00000800, struct.pack("<H", 0x0101)),
+        )
+    )
+    return implicit_element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def test_a_cancel_before_the_response_is_passed_on(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    theirs.sendall(pdu(pdv(1, COMMAND_LAST, _cancel_rq(3))) + pdu(pdv(3, COMMAND_LAST, _rsp())))
+    cancelled: list[int] = []
+    assert read_store_response(ours, 7, 5, cancelled.append) == (0, "")
+    assert cancelled == [3]
+
+
+def test_a_cancel_is_refused_where_none_can_come(pair: tuple[socket.socket, socket.socket]) -> None:
+    """On a C-MOVE's own sub-association the peer has nothing to cancel."""
+    ours, theirs = pair
+    theirs.sendall(pdu(pdv(1, COMMAND_LAST, _cancel_rq(3))))
+    with pytest.raises(ResponseError):
+        read_store_response(ours, 7, 5)
+
+
+def test_a_cancel_then_an_abort_leaves_the_abort(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    abort = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0, 0)
+    theirs.sendall(pdu(pdv(1, COMMAND_LAST, _cancel_rq(3))) + abort)
+    cancelled: list[int] = []
+    assert read_store_response(ours, 7, 5, cancelled.append) is None
+    assert cancelled == [3] and ours.recv(100) == abort
