@@ -18,6 +18,7 @@ What it measures, first on Orthanc, then on our server (one server runs at a tim
    the same on both servers and as generated), then ``--repeat`` times with ``findscu -q``; the
    median wall clock of those findscu processes is reported.
 4. move: C-MOVE of the ``--ct`` slice series (SERIES level, movescu) to a storescp destination.
+5. get: C-GET of the same series by getscu.
 
 Every DCMTK process and Orthanc run with ``TCP_NODELAY=1`` (DCMTK leaves Nagle on otherwise and
 each C-STORE waits ~40 ms for a delayed ACK); storescu, storescp and Orthanc use 128 KiB PDUs.
@@ -72,7 +73,7 @@ from tools.procs import (
     write_config,
 )
 
-MEASUREMENTS = ("ingest", "small", "find", "move")
+MEASUREMENTS = ("ingest", "small", "find", "move", "get")
 HOST = "127.0.0.1"
 PDU = "131072"
 MOVE_DESTINATION = "STORESCP"
@@ -196,7 +197,7 @@ def generate_catalog(root: Path, studies: int) -> tuple[list[Path], list[FindQue
 def generate(root: Path, args: argparse.Namespace, only: set[str]) -> Data:
     data = Data()
     started = time.perf_counter()
-    if only & {"ingest", "move"}:
+    if only & {"ingest", "move", "get"}:
         log(f"generating {args.ct} CT slices (512x512) ...")
         spec = StudySpec(patient_id="BENCHCT1", patient_name="BENCH^CT", study_date="19990101")
         data.ct = generate_ct(root / "ct", spec, args.ct)
@@ -729,6 +730,43 @@ def measure_move(target: Target, series: Series, work: Path, move_port: int, fig
     shutil.rmtree(destination, ignore_errors=True)
 
 
+def measure_get(target: Target, series: Series, work: Path, fig: Figure) -> None:
+    """C-GET of the series by getscu (SERIES level, 128 KiB PDUs), instances/s of its wall
+    clock; the files getscu wrote are counted."""
+    destination = work / f"got-{target.name}"
+    destination.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        dcmtk("getscu"),
+        "-S",
+        "-aet",
+        "GETSCU",
+        "-aec",
+        target.ae_title,
+        "-pdu",
+        "131072",
+        "-od",
+        str(destination),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={series.study_uid}",
+        "-k",
+        f"SeriesInstanceUID={series.series_uid}",
+        HOST,
+        str(target.port),
+    ]
+    with server_cpu(target, fig):
+        elapsed, _, failure = run_dcmtk(cmd)
+    received = sum(1 for p in destination.iterdir() if p.is_file())
+    if failure:
+        fig.problem(target.name, failure)
+    if received != len(series.files):
+        fig.problem(target.name, f"getscu received {received} of {len(series.files)}")
+    fig.values[target.name] = received / elapsed
+    log(f"  C-GET: {received} instances in {elapsed:.2f}s")
+    shutil.rmtree(destination, ignore_errors=True)
+
+
 def bench_target(
     target: Target,
     data: Data,
@@ -763,15 +801,19 @@ def bench_target(
             log(f"  catalog loaded in {elapsed:.1f}s ({len(data.catalog) / elapsed:.0f}/s)")
             for query in data.queries:
                 measure_find(target, query, args.repeat, figures)
+        if only & {"move", "get"} and data.ct and not stored_ct:
+            log(f"[{target.name}] storing the CT series to retrieve (untimed)")
+            _, failures = store(target, data.ct)
+            for failure in failures:
+                log(f"  WARNING: {failure}")
         if "move" in only and data.ct:
-            if not stored_ct:
-                log(f"[{target.name}] storing the CT series for C-MOVE (untimed)")
-                _, failures = store(target, data.ct)
-                for failure in failures:
-                    log(f"  WARNING: {failure}")
             log(f"[{target.name}] C-MOVE {args.ct} CT slices to storescp")
             figure = figures.setdefault("C-MOVE", Figure("C-MOVE CT series", "inst/s", True))
             measure_move(target, data.ct, work, move_port, figure)
+        if "get" in only and data.ct:
+            log(f"[{target.name}] C-GET {args.ct} CT slices with getscu")
+            figure = figures.setdefault("C-GET", Figure("C-GET CT series", "inst/s", True))
+            measure_get(target, data.ct, work, figure)
     finally:
         target.stop()
 
