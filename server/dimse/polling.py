@@ -25,7 +25,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -89,7 +89,7 @@ def _park_of(assoc: Any) -> _Park:
     return park
 
 
-def _hold_parked(park: _Park, killed: Any) -> None:
+def _hold_parked(park: _Park, killed: Callable[[], bool]) -> None:
     while park.want.is_set() and not killed():
         park.parked.set()
         park.released.wait(0.01)
@@ -129,8 +129,9 @@ def park(assoc: Any, timeout: float = 2.0) -> Iterator[bool]:
 @contextlib.contextmanager
 def park_socket_reader(dul: Any, timeout: float = 2.0) -> Iterator[bool]:
     """Hold an association's DUL thread inside its wait, off the socket, so that the caller
-    may read the peer's PDUs itself (the C-MOVE fast path); yields False if it did not park
-    in time.  While held, the thread neither reads nor sends: the caller owns the socket."""
+    may read the peer's PDUs itself (the C-MOVE and C-GET fast paths, server/dimse/retrieve.py);
+    yields False if it did not park in time.  While held, the thread neither reads nor sends:
+    the caller owns the socket."""
     state = _park_of(dul)
     state.released.clear()
     state.want.set()
