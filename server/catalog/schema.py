@@ -51,22 +51,24 @@ class BaseModel(Model):
         legacy_table_names = False
 
 
-def _columns(level: Level, indexed: bool) -> dict[str, Any]:
+def _columns(level: Level, indexed: bool, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The level's DICOM columns; indexed all, or only those whose keyword is in ``keys``."""
     fields: dict[str, Any] = {}
     for a in at_level(level):
+        indexed_here = indexed or a.keyword in keys
         if a.computed and level == Level.PATIENT:
             continue  # patient counts are derived at query time: patients are rarely queried
         if a.unique and level != Level.PATIENT:
             fields[a.column] = TextField(unique=True)
             continue
         if a.computed and a.vr in INTEGER_VRS:
-            fields[a.column] = IntegerField(default=0, index=indexed)
+            fields[a.column] = IntegerField(default=0, index=indexed_here)
         elif a.vr in INTEGER_VRS:
-            fields[a.column] = IntegerField(null=True, index=indexed)
+            fields[a.column] = IntegerField(null=True, index=indexed_here)
         else:
-            fields[a.column] = TextField(null=True, index=indexed)
+            fields[a.column] = TextField(null=True, index=indexed_here)
         if a.vr == "PN":
-            fields[ci_column(a)] = TextField(null=True, index=indexed)
+            fields[ci_column(a)] = TextField(null=True, index=indexed_here)
     return fields
 
 
@@ -128,8 +130,10 @@ Instance: Any = type(
         "__module__": __name__,
         "id": AutoField(),
         "series": ForeignKeyField(Series, backref="instances", on_delete="CASCADE"),
-        # Instances are always queried within a series; indexing every column would slow ingest.
-        **_columns(Level.IMAGE, indexed=False),
+        # Instance keys are mostly matched within a series (its index finds them). SOP Class
+        # UID and Instance Number are also asked across the archive (every SR, every SEG;
+        # QIDO /instances) and are indexed; each index is one more page written per instance.
+        **_columns(Level.IMAGE, indexed=False, keys=("SOPClassUID", "InstanceNumber")),
         "storage_key": TextField(index=True),
         "file_path": TextField(),
         "file_size": BigIntegerField(),

@@ -114,3 +114,26 @@ def test_a_deadlock_victim_is_recorded_on_the_next_attempt(monkeypatch: pytest.M
     with pytest.raises(OperationalError):
         writer.record_instance(some, replace=False)
     assert len(calls) == 1
+
+
+def test_instance_keys_searched_across_the_archive_are_indexed(tmp_path: Path) -> None:
+    """SOP Class UID and Instance Number are indexed (an older catalog gains the indexes when
+    opened), so a query for every instance of a class does not scan the instance table."""
+    settings = load_settings(None, {"data_dir": str(tmp_path / "data")})
+    open_archive(settings)
+    with session():
+        database.execute_sql('DROP INDEX "instance_sop_class_uid"')
+        database.execute_sql('DROP INDEX "instance_instance_number"')
+    close_archive()
+    open_archive(settings)
+    try:
+        with session():
+            names = {i.name for i in database.get_indexes("instance")}
+            assert {"instance_sop_class_uid", "instance_instance_number"} <= names
+            plan = database.execute_sql(
+                'EXPLAIN QUERY PLAN SELECT "id" FROM "instance" WHERE "sop_class_uid" = ?',
+                ["1.2.840.10008.5.1.4.1.1.88.22"],
+            ).fetchall()
+            assert any("instance_sop_class_uid" in str(row) for row in plan), plan
+    finally:
+        close_archive()
