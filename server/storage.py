@@ -112,8 +112,12 @@ class _Spares:
                 if not self._registered:  # a process that stops cleanly leaves no spare behind
                     atexit.register(self.drain)
                     self._registered = True
-                self._thread = threading.Thread(target=self._run, name="spare-files", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="spare-files", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # no more threads (or the interpreter is exiting)
+                    return
+                self._thread = thread
         self._wanted.set()
 
     def _run(self) -> None:

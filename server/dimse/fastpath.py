@@ -213,7 +213,10 @@ def retrieve_pending_command(
 
 def _fast_command(primitive: Any) -> bytes | None:
     """The encoded command set of a response we encode by hand, or None for pynetdicom's way."""
-    if primitive.MessageIDBeingRespondedTo is None or not primitive.AffectedSOPClassUID:
+    # (a C-CANCEL primitive has no Affected SOP Class UID attribute at all)
+    if primitive.MessageIDBeingRespondedTo is None or not getattr(
+        primitive, "AffectedSOPClassUID", None
+    ):
         return None
     if isinstance(primitive, C_STORE):
         if (

@@ -52,7 +52,9 @@ def _wakeup_pair(dul: Any) -> tuple[socket.socket, socket.socket]:
 def _dul_wait(dul: Any, timeout: float) -> None:
     hold = dul.__dict__.get("_park")
     if hold is not None and hold.want.is_set():
-        _hold_parked(hold, lambda: bool(dul._kill_thread))
+        if dul.to_provider_queue.empty() and dul.event_queue.empty():
+            _hold_parked(hold, lambda: bool(dul._kill_thread))
+        # else: send what is queued first (a pending response), then park
         return
     reader = _wakeup_pair(dul)[0]
     fds: list[Any] = [reader]

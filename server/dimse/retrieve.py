@@ -45,7 +45,15 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from server.dimse import polling
-from server.dimse.fastpath import COMMAND_LAST, DATA_LAST, DATA_MORE, implicit_element, pdu, pdv
+from server.dimse.fastpath import (
+    COMMAND_LAST,
+    COMMAND_MORE,
+    DATA_LAST,
+    DATA_MORE,
+    implicit_element,
+    pdu,
+    pdv,
+)
 from server.dimse.transport import recv_exactly
 
 log = logging.getLogger(__name__)
@@ -127,11 +135,16 @@ def _stream(
     span: tuple[int, int],
     max_length: int,
 ) -> None:
-    """The C-STORE-RQ as P-DATA-TF PDUs: the command, then the data set (``span`` = offset and
-    length in the file) straight from the file: sendfile lets the kernel copy it."""
-    sock.sendall(pdu(pdv(context_id, COMMAND_LAST, command)))
+    """The C-STORE-RQ as P-DATA-TF PDUs no larger than the peer's Maximum Length (PS3.8 D.1
+    allows any; the command set is fragmented too): the command, then the data set (``span``
+    = offset and length in the file) straight from the file: sendfile lets the kernel copy
+    it."""
+    room = max(1, (max_length or 1 << 24) - 6)
+    for start in range(0, len(command), room):
+        last = start + room >= len(command)
+        fragment = command[start : start + room]
+        sock.sendall(pdu(pdv(context_id, COMMAND_LAST if last else COMMAND_MORE, fragment)))
     offset, length = span
-    room = (max_length or 1 << 24) - 6
     end = offset + length
     while True:
         size = min(room, end - offset)
@@ -164,16 +177,14 @@ class ResponseError(Exception):
 
 
 def _peek_pdu_header(sock: socket.socket, deadline: float | None) -> bytes:
-    """The next PDU's 6-byte header, left in the socket; b"" if the connection closed."""
-    while True:
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, _, _ = select.select([sock], [], [], wait)
-        if not ready:
-            raise TimeoutError("no C-STORE-RSP within the DIMSE timeout")
-        head = sock.recv(6, socket.MSG_PEEK)
-        if len(head) == 6 or not head:
-            return head
-        time.sleep(0.0001)  # half a header: the rest is on its way
+    """What has arrived of the next PDU's 6-byte header, left in the socket (b"": the
+    connection closed)."""
+    poller = select.poll()  # not select(): descriptors past 1,024 are fine
+    poller.register(sock, select.POLLIN)
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not poller.poll(None if wait is None else wait * 1000):
+        raise TimeoutError("no C-STORE-RSP within the DIMSE timeout")
+    return sock.recv(6, socket.MSG_PEEK)
 
 
 def _command_fields(command: bytes) -> dict[int, bytes]:
@@ -216,12 +227,19 @@ def read_store_response(
     first = True
     while True:
         head = _peek_pdu_header(sock, deadline)
+        if len(head) < 6 and not first:
+            head = bytes(recv_exactly(sock, 6))  # the rest of a message we have begun: ours
+            consumed = 6
+        else:
+            consumed = 0
+        # Another PDU, a closed connection, or (rarely) a header split across segments: while
+        # nothing is consumed pynetdicom reads it whole, as it reads everything else.
         if len(head) < 6 or head[0] != _P_DATA_TF:
             if first:
                 return None
             raise ResponseError("the command set was cut short by another PDU")
         (length,) = struct.unpack_from(">I", head, 2)
-        body = recv_exactly(sock, 6 + length)
+        body = head[:consumed] + recv_exactly(sock, 6 + length - consumed)
         if len(body) < 6 + length:
             raise ResponseError("the connection closed inside a P-DATA-TF PDU")
         first = False
@@ -323,7 +341,7 @@ def _send_raw(assoc: Association, item: StoredFile, context: Any, **kwargs: Any)
     with open(item._stored_path, "rb") as fh:
         offset = dataset_offset(fh.read(144))
         if offset is None:
-            return None
+            return None  # pynetdicom's way (the caller gives the threads back first)
         get = threading.current_thread() is assoc
         if not assoc.is_established or assoc.acse.is_aborted() or not assoc.dul.is_alive():
             # The peer aborted or went away during an earlier sub-operation (the reactor may
@@ -425,12 +443,15 @@ def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
             status = _send_raw(self, dataset, context, **kwargs)
             if status is not None:
                 return status
+        # pynetdicom's own send needs its threads: an earlier sub-operation of this retrieve
+        # may hold them parked (a later one takes them again)
+        _unhold(self)
         dataset = dcmread(dataset._stored_path)
     return _original_send_c_store(self, dataset, *args, **kwargs)
 
 
 _original_release = Association.release
-_original_abort = Association.abort
+_original_abort_blocking = Association._abort_blocking
 _original_move_scp = QueryRetrieveServiceClass._move_scp
 _original_get_scp = QueryRetrieveServiceClass._get_scp
 
@@ -442,7 +463,7 @@ def _release(self: Association) -> None:
 
 def _abort(self: Association, block: bool = True) -> None:
     _unhold(self)
-    _original_abort(self, block)
+    _original_abort_blocking(self, block)
 
 
 def _release_held() -> None:
@@ -471,6 +492,9 @@ def _get_scp(self: QueryRetrieveServiceClass, *args: Any, **kwargs: Any) -> None
 def install() -> None:
     Association.send_c_store = _send_c_store  # type: ignore[method-assign]
     Association.release = _release  # type: ignore[method-assign]
+    # pynetdicom sets each association's ``abort`` to its ``_abort_blocking`` during
+    # negotiation, so that is the one to wrap (``abort`` itself for the rest)
     Association.abort = _abort  # type: ignore[method-assign]
+    Association._abort_blocking = _abort  # type: ignore[method-assign]
     QueryRetrieveServiceClass._move_scp = _move_scp  # type: ignore[method-assign]
     QueryRetrieveServiceClass._get_scp = _get_scp  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, build_role, evt
@@ -101,3 +102,61 @@ def test_cancel_in_the_middle_stops_the_retrieve(server_factory) -> None:  # typ
     assert echo(server.port)
     statuses, received = _get(server.port, spec, lambda n, event: 0x0000)
     assert statuses[-1].Status == 0x0000 and len(received) == 6
+
+
+def test_instances_needing_conversion_between_raw_ones(  # type: ignore[no-untyped-def]
+    server_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requestor takes CT only in Implicit VR: those sub-operations go through
+    pynetdicom's own send, between secondary captures sent raw, so the retrieve gives the
+    socket thread back for them and takes it again after."""
+    from pynetdicom import _config
+
+    # Importing the server's AE in this process (another test does) lets any storage SCP here
+    # accept every syntax; this peer must keep to the one it lists.
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", False)
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage
+
+    from tools.generate import ct_series
+
+    server = server_factory("", name="mixedget")
+    spec = StudySpec()
+    ct = next(ct_series(spec, 1, 32))
+    datasets = [small_instance(spec, number=1), ct, small_instance(spec, number=2)]
+    loader = AE(ae_title="LOADER")
+    loader.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+    loader.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = loader.associate("127.0.0.1", server.port, ae_title="IMAGING")
+    for ds in datasets:
+        assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+
+    syntaxes: dict[str, str] = {}
+
+    def store(event: Any) -> int:
+        syntaxes[str(event.request.AffectedSOPInstanceUID)] = str(event.context.transfer_syntax)
+        return 0x0000
+
+    ae = AE(ae_title="GETTER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(GET)
+    ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    roles = [build_role(c, scp_role=True) for c in (SecondaryCaptureImageStorage, CTImageStorage)]
+    assoc = ae.associate(
+        "127.0.0.1",
+        server.port,
+        ae_title="IMAGING",
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, store)],
+    )
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = spec.study_uid
+    statuses = [status for status, _ in assoc.send_c_get(query, GET)]
+    assoc.release()
+    assert statuses[-1].Status == 0x0000
+    assert statuses[-1].NumberOfCompletedSuboperations == 3
+    assert syntaxes[str(ct.SOPInstanceUID)] == ImplicitVRLittleEndian
+    assert len(syntaxes) == 3

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
@@ -127,3 +128,87 @@ def test_destination_that_aborts_fails_the_rest_and_the_server_lives_on(server_f
     assert responses[-1][0].Status == 0x0000
     assert responses[-1][0].NumberOfCompletedSuboperations == 5
     assert len(dest.received) == 5
+
+
+def test_instances_needing_conversion_between_raw_ones(  # type: ignore[no-untyped-def]
+    server_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destination that takes CT only in Implicit VR: those instances go through pynetdicom
+    (decoded, converted), between secondary captures sent raw on the same sub-association,
+    which must give its threads back for them and take them again after."""
+    from pynetdicom import _config
+
+    # Importing the server's AE in this process (another test does) lets any storage SCP here
+    # accept every syntax; this peer must keep to the one it lists.
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", False)
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage
+
+    from tools.generate import ct_series
+
+    port = free_port()
+    server = server_factory("", peers=(("MIXED", port),), name="mixed")
+    spec = StudySpec()
+    ct = next(ct_series(spec, 1, 32))
+    datasets = [small_instance(spec, number=1), small_instance(spec, number=2), ct]
+    datasets.append(small_instance(spec, number=3))
+    ae = AE(ae_title="MOVER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(MOVE)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="IMAGING")
+    for ds in datasets:
+        assert assoc.send_c_store(ds).Status == 0
+    dest = Destination(lambda n, event: 0x0000)
+    dest_ae = AE(ae_title="MIXED")
+    dest_ae.add_supported_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+    dest_ae.add_supported_context(CTImageStorage, [ImplicitVRLittleEndian])
+    syntaxes: dict[str, str] = {}
+
+    def store(event: Any) -> int:
+        syntaxes[str(event.request.AffectedSOPInstanceUID)] = str(event.context.transfer_syntax)
+        return dest._store(event)
+
+    handlers = [(evt.EVT_C_STORE, store), (evt.EVT_RELEASED, lambda e: dest.released.set())]
+    scp = dest_ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        responses = _move(assoc, spec, "MIXED")
+        assert dest.released.wait(10)
+    finally:
+        scp.shutdown()
+    assoc.release()
+    final = responses[-1][0]
+    assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 4
+    assert syntaxes[str(ct.SOPInstanceUID)] == ImplicitVRLittleEndian
+    assert {syntaxes[str(ds.SOPInstanceUID)] for ds in datasets if ds is not ct} == {
+        ExplicitVRLittleEndian
+    }
+
+
+def test_a_destination_with_tiny_pdus(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """A Maximum Length of 128 bytes (PS3.8 D.1 sets no lower bound): the command set is
+    split across PDUs too, and every byte arrives."""
+    port = free_port()
+    server = server_factory("", peers=(("TINY", port),), name="tiny")
+    assoc, datasets, spec = _stored(server.port, 3)
+    dest = Destination(lambda n, event: 0x0000)
+    dest_ae = AE(ae_title="TINY")
+    dest_ae.maximum_pdu_size = 128
+    dest_ae.add_supported_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+    pixels: dict[str, bytes] = {}
+
+    def store(event: Any) -> int:
+        pixels[str(event.request.AffectedSOPInstanceUID)] = event.dataset.PixelData
+        return dest._store(event)
+
+    scp = dest_ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
+    )
+    try:
+        responses = _move(assoc, spec, "TINY")
+    finally:
+        scp.shutdown()
+    assoc.release()
+    assert responses[-1][0].Status == 0x0000
+    assert pixels == {str(ds.SOPInstanceUID): ds.PixelData for ds in datasets}

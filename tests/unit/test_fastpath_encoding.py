@@ -83,3 +83,15 @@ def test_retrieve_pending_matches_pynetdicom(primitive_class, message_class, fie
     message.primitive_to_message(primitive)
     ours = retrieve_pending_command(field, sop_class, 5, (297, 2, 1, 0))
     assert ours == _command_bytes(message)
+
+
+def test_a_cancel_goes_the_ordinary_way() -> None:
+    """C-CANCEL primitives (sent by an SCU) have no Affected SOP Class UID attribute: the
+    fast path must leave them to pynetdicom instead of failing on them."""
+    from pynetdicom.dimse_primitives import C_CANCEL
+
+    from server.dimse.fastpath import _fast_command
+
+    cancel = C_CANCEL()
+    cancel.MessageIDBeingRespondedTo = 1
+    assert _fast_command(cancel) is None

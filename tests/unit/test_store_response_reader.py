@@ -46,14 +46,31 @@ def test_fragments_over_items_and_pdus(pair: tuple[socket.socket, socket.socket]
     assert read_store_response(ours, 7, 5) == (0xA700, "")
 
 
-def test_header_arriving_in_pieces(pair: tuple[socket.socket, socket.socket]) -> None:
+def test_a_split_header_is_left_for_pynetdicom(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Half a PDU header, or half a header and then a close: nothing is consumed (pynetdicom
+    reads it whole) and nothing spins."""
     ours, theirs = pair
     message = pdu(pdv(1, COMMAND_LAST, _rsp()))
+    theirs.sendall(message[:3])
+    assert read_store_response(ours, 7, 5) is None
+    theirs.close()
+    started = time.monotonic()
+    assert read_store_response(ours, 7, 5) is None
+    assert time.monotonic() - started < 1
+    assert ours.recv(100) == message[:3]
+
+
+def test_a_split_header_inside_a_message_is_read(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Once the command has begun the socket is ours: the next header is read even if it
+    arrives in pieces."""
+    ours, theirs = pair
+    command = _rsp()
+    second = pdu(pdv(1, COMMAND_LAST, command[20:]))
 
     def dribble() -> None:
-        theirs.sendall(message[:3])
+        theirs.sendall(pdu(pdv(1, COMMAND_MORE, command[:20])) + second[:3])
         time.sleep(0.05)
-        theirs.sendall(message[3:])
+        theirs.sendall(second[3:])
 
     writer = threading.Thread(target=dribble)
     writer.start()
