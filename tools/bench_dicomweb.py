@@ -64,7 +64,7 @@ from tools.bench_dimse import (
 )
 from tools.generate import StudySpec
 from tools.orthanc import ORTHANC_BINARY, OrthancProcess
-from tools.procs import OurServer, ensure_tools, log, scratch_postgres, write_config
+from tools.procs import OurServer, ensure_tools, log, scratch_databases, write_config
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 MEASUREMENTS = ("stow", "qido", "metadata", "retrieve", "frames")
@@ -412,15 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with ExitStack() as stack:
-
-            def database_url() -> str:
-                """A scratch PostgreSQL database per round: each round's data directory is
-                new, and a catalog kept from the round before would point at files that are
-                gone (dropped when the run ends)."""
-                if not args.database_url:
-                    return ""
-                return stack.enter_context(scratch_postgres(args.database_url, args.keep))
-
+            database_url = scratch_databases(stack, args.database_url, args.keep)
             log(f"generating {args.ct} CT slices (512x512) ...")
             spec = StudySpec(patient_id="BENCHWEB", patient_name="BENCH^WEB", study_date="19990101")
             ct = generate_ct(work / "ct", spec, args.ct)

@@ -68,7 +68,7 @@ from tools.procs import (
     ensure_tools,
     free_port,
     log,
-    scratch_postgres,
+    scratch_databases,
     storescp,
     write_config,
 )
@@ -720,13 +720,27 @@ def measure_move(target: Target, series: Series, work: Path, move_port: int, fig
     ]
     with storescp(destination, MOVE_DESTINATION, move_port), server_cpu(target, fig):
         elapsed, _, failure = run_dcmtk(cmd)
+    _count_retrieved(target, series, destination, fig, "C-MOVE", elapsed, failure)
+
+
+def _count_retrieved(
+    target: Target,
+    series: Series,
+    destination: Path,
+    fig: Figure,
+    what: str,
+    elapsed: float,
+    failure: str | None,
+) -> None:
+    """Instances/s of a retrieve from the files that arrived in ``destination`` (then
+    removed); a DCMTK failure or a missing file is a problem of the figure."""
     received = sum(1 for p in destination.iterdir() if p.is_file())
     if failure:
         fig.problem(target.name, failure)
     if received != len(series.files):
-        fig.problem(target.name, f"storescp received {received} of {len(series.files)}")
+        fig.problem(target.name, f"{what}: received {received} of {len(series.files)}")
     fig.values[target.name] = received / elapsed
-    log(f"  C-MOVE: {received} instances in {elapsed:.2f}s")
+    log(f"  {what}: {received} instances in {elapsed:.2f}s")
     shutil.rmtree(destination, ignore_errors=True)
 
 
@@ -757,14 +771,7 @@ def measure_get(target: Target, series: Series, work: Path, fig: Figure) -> None
     ]
     with server_cpu(target, fig):
         elapsed, _, failure = run_dcmtk(cmd)
-    received = sum(1 for p in destination.iterdir() if p.is_file())
-    if failure:
-        fig.problem(target.name, failure)
-    if received != len(series.files):
-        fig.problem(target.name, f"getscu received {received} of {len(series.files)}")
-    fig.values[target.name] = received / elapsed
-    log(f"  C-GET: {received} instances in {elapsed:.2f}s")
-    shutil.rmtree(destination, ignore_errors=True)
+    _count_retrieved(target, series, destination, fig, "C-GET", elapsed, failure)
 
 
 def bench_target(
@@ -940,15 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         with ExitStack() as stack:
-
-            def database_url() -> str:
-                """A scratch PostgreSQL database per round: each round's data directory is
-                new, and a catalog kept from the round before would point at files that are
-                gone (dropped when the run ends)."""
-                if not args.database_url:
-                    return ""
-                return stack.enter_context(scratch_postgres(args.database_url, args.keep))
-
+            database_url = scratch_databases(stack, args.database_url, args.keep)
             data = generate(work / "data", args, only)
             move_port = free_port()
 

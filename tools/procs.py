@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -339,6 +339,18 @@ def storescp(
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
+
+
+def scratch_databases(stack: ExitStack, url: str, keep: bool = False) -> Callable[[], str]:
+    """A maker of database URLs for the benchmarks' rounds: "" (SQLite in the data directory)
+    without ``url``, else a new scratch PostgreSQL database on each call, dropped when
+    ``stack`` closes. Each round's data directory is new, and a catalog kept from the round
+    before would point at files that are gone."""
+
+    def make() -> str:
+        return stack.enter_context(scratch_postgres(url, keep)) if url else ""
+
+    return make
 
 
 @contextmanager

@@ -117,15 +117,8 @@ def park(assoc: Any, timeout: float = 2.0) -> Iterator[bool]:
         yield True  # called from the reactor thread itself: it is not polling, nothing to hold
         return
     state = _park_of(assoc)
-    state.released.clear()
-    state.want.set()
-    state.wake.set()
-    parked = state.parked.wait(timeout)
-    try:
+    with _holding(state, state.wake.set, timeout) as parked:
         yield parked
-    finally:
-        state.want.clear()
-        state.released.set()
 
 
 @contextlib.contextmanager
@@ -134,11 +127,21 @@ def park_socket_reader(dul: Any, timeout: float = 2.0) -> Iterator[bool]:
     may read the peer's PDUs itself (the C-MOVE and C-GET fast paths, server/dimse/retrieve.py);
     yields False if it did not park in time.  While held, the thread neither reads nor sends:
     the caller owns the socket."""
-    state = _park_of(dul)
+
+    def wake() -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            _wakeup_pair(dul)[1].send(b"\0")
+
+    with _holding(_park_of(dul), wake, timeout) as parked:
+        yield parked
+
+
+@contextlib.contextmanager
+def _holding(state: _Park, wake: Callable[[], None], timeout: float) -> Iterator[bool]:
+    """Ask a thread to park, wake it so it sees the request, wait for it; release it after."""
     state.released.clear()
     state.want.set()
-    with contextlib.suppress(BlockingIOError, OSError):
-        _wakeup_pair(dul)[1].send(b"\0")
+    wake()
     parked = state.parked.wait(timeout)
     try:
         yield parked
