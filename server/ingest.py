@@ -61,6 +61,19 @@ class IngestResult:
 
 
 Listener = Callable[[IngestResult], None]
+# Work that follows a commit and that the sender need not wait for: see Ingestor.ingest(later=).
+Later = list[Callable[[], None]]
+
+
+def run_later(later: Later) -> None:
+    """Run (and empty) what :meth:`Ingestor.ingest` left in ``later``; a failure is logged,
+    never raised: the instance it follows is stored and acknowledged."""
+    while later:
+        work = later.pop(0)
+        try:
+            work()
+        except Exception:
+            log.exception("work after an acknowledged instance failed")
 
 
 def _integer(text: str) -> int | None:
@@ -281,10 +294,17 @@ class Ingestor:
         expect_sop_instance: str | None = None,
         expect_study: str | None = None,
         institution: str | None = None,
+        later: Later | None = None,
     ) -> IngestResult:
         """Store one instance given as Part 10 bytes (or a bare dataset).
 
         Raises an :class:`~server.errors.IngestError` carrying the DIMSE status on failure.
+
+        With ``later``, what follows the commit (removing the write's journal entry, the
+        listeners) is appended there instead of done, for a caller that answers its sender
+        first and then calls :func:`run_later`: the C-STORE SCP, whose sender waits for each
+        response before it sends the next instance.  The instance is durable and catalogued
+        either way; a crash before that work only leaves the journal entry for recovery.
         """
         try:
             done = self._ingest(
@@ -294,6 +314,7 @@ class Ingestor:
                 expect_sop_instance=expect_sop_instance,
                 expect_study=expect_study,
                 institution=institution,
+                later=later,
             )
         except Exception:
             metrics.ingested(source, "failed", len(data))
@@ -310,6 +331,7 @@ class Ingestor:
         expect_sop_instance: str | None,
         expect_study: str | None,
         institution: str | None,
+        later: Later | None,
     ) -> IngestResult:
         parsed = _parse(data)
         header = parsed.header
@@ -373,11 +395,19 @@ class Ingestor:
             except BaseException:
                 self.storage.finish(staged, keep=False)
                 raise
-            self.storage.finish(staged, keep=True, obsolete=obsolete)
+            if later is None:
+                self.storage.finish(staged, keep=True, obsolete=obsolete)
         done = result("replaced" if obsolete else "stored", warnings)
+        if later is None:
+            self._announce(done)
+        else:
+            later.append(lambda: self.storage.finish(staged, keep=True, obsolete=obsolete))
+            later.append(lambda: self._announce(done))
+        return done
+
+    def _announce(self, done: IngestResult) -> None:
         for listener in list(self._listeners):
             try:
                 listener(done)
             except Exception:  # a broken subscriber must not turn a stored instance into a failure
                 log.exception("ingest listener failed")
-        return done

@@ -152,13 +152,24 @@ def _upsert(model: Any, key_column: str, values: Columns) -> tuple[int, bool]:
 
 def _ensure_parents(record: InstanceRecord, now: dt.datetime) -> tuple[int, int, bool]:
     """Find or create the patient, study and series rows; True when the series is new, in
-    which case its counter starts at 1 and the study's are already updated for this instance
-    (one statement instead of three: a modality sending one image per study creates all
-    three rows every time)."""
+    which case its counter starts at 1 and the study's are already updated for this instance.
+
+    A new study is inserted already counting this instance, its series and its modality: a
+    modality sending one image per study creates all three rows every time, and updating the
+    study row just inserted cost a statement and the index pages of four columns again."""
     key = patient_key(record.patient.get("patient_id"), record.patient.get("issuer_of_patient_id"))
     patient_id, _ = _upsert(Patient, "patient_key", {**record.patient, "patient_key": key})
     study_id, new_study = _upsert(
-        Study, "study_instance_uid", {**record.study, "patient_id": patient_id}
+        Study,
+        "study_instance_uid",
+        {
+            **record.study,
+            "patient_id": patient_id,
+            "number_of_study_related_series": 1,
+            "number_of_study_related_instances": 1,
+            "modalities_in_study": record.series.get("modality") or None,
+            "updated_at": now,
+        },
     )
     series_id, new_series = _upsert(
         Series,
@@ -170,17 +181,24 @@ def _ensure_parents(record: InstanceRecord, now: dt.datetime) -> tuple[int, int,
             "updated_at": now,
         },
     )
-    if new_series:
-        modalities = (
-            record.series.get("modality") or None if new_study else _refresh_modalities(study_id)
-        )
-        param = _param()
+    param = _param()
+    if new_series and not new_study:
         database.execute_sql(
             'UPDATE "study" SET "number_of_study_related_series" = '
             '"number_of_study_related_series" + 1, "number_of_study_related_instances" = '
             f'"number_of_study_related_instances" + 1, "modalities_in_study" = {param}, '
             f'"updated_at" = {param} WHERE "id" = {param}',
-            [modalities, now, study_id],
+            [_refresh_modalities(study_id), now, study_id],
+        )
+    elif new_study and not new_series:
+        # The series UID is already another study's (a sender reusing UIDs): the instance
+        # joins that series and is counted as any instance of an existing series is, so the
+        # new study holds none of it yet.
+        database.execute_sql(
+            'UPDATE "study" SET "number_of_study_related_series" = 0, '
+            '"number_of_study_related_instances" = 0, "modalities_in_study" = NULL '
+            f'WHERE "id" = {param}',
+            [study_id],
         )
     return series_id, study_id, new_series
 

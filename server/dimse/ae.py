@@ -55,6 +55,7 @@ from server.dimse import (
 from server.dimse.handlers import Handlers, StoreTally
 from server.dimse.worklist import MWL_FIND, WorklistHandlers
 from server.errors import ConfigError
+from server.ingest import Later
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,11 @@ class StorageService:
         peer = f"{address[0]}:{address[1]}"
 
         def store(
-            context_class: str, syntax: str, command: storage_scp.Command, data: bytes
+            context_class: str,
+            syntax: str,
+            command: storage_scp.Command,
+            data: bytes,
+            later: Later,
         ) -> tuple[int, str | None]:
             return self.handlers.store_received(
                 tally,
@@ -249,6 +254,7 @@ class StorageService:
                 command.sop_class,
                 command.sop_instance,
                 data,
+                later,
             )
 
         def ended(outcome: str) -> None:

@@ -34,6 +34,7 @@ from server.dicom.query import Model, Query, parse_identifier
 from server.dimse.fastpath import part10, send_find_pending
 from server.dimse.retrieve import StoredFile
 from server.errors import DatasetMismatch, IngestError, QueryError
+from server.ingest import Later
 
 log = logging.getLogger(__name__)
 _PATIENT_ROOT = {
@@ -149,10 +150,12 @@ class Handlers:
         sop_class: str,
         sop_instance: str,
         data: bytes,
+        later: Later | None = None,
     ) -> tuple[int, str | None]:
         """One received C-STORE data set through ingest: (status, Error Comment or None).
 
-        0x0000 only once the file and the catalog row are durable (PS3.4 B.2.3)."""
+        0x0000 only once the file and the catalog row are durable (PS3.4 B.2.3). ``later``:
+        see :meth:`~server.ingest.Ingestor.ingest`."""
         if not self.may(calling, "store"):
             tally.refused += 1
             return 0xA700, f"{calling} may not store here"
@@ -169,6 +172,7 @@ class Handlers:
                 expect_sop_class=context_class,
                 expect_sop_instance=sop_instance or None,
                 institution=self.settings.institution_of(calling),
+                later=later,
             )
         except IngestError as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling, exc.status, exc)

@@ -36,6 +36,7 @@ from server.dicom.uids import (
 )
 from server.dimse.fastpath import pdata_message, response_command
 from server.dimse.transport import recv_exactly
+from server.ingest import Later, run_later
 from server.telemetry import association_var
 
 log = logging.getLogger(__name__)
@@ -281,9 +282,9 @@ def pdv_items(body: bytearray) -> Iterator[tuple[int, int, memoryview]]:
         at += 4 + item_length
 
 
-# (abstract syntax of the context, its transfer syntax, command, data set bytes)
-# -> (status, Error Comment or None)
-StoreFunction = Callable[[str, str, Command, bytes], tuple[int, str | None]]
+# (context's abstract syntax, its transfer syntax, command, data set, work for after the
+# response: see Ingestor.ingest) -> (status, Error Comment)
+StoreFunction = Callable[[str, str, Command, bytes, Later], tuple[int, str | None]]
 
 
 class StorageAssociation:
@@ -310,6 +311,7 @@ class StorageAssociation:
         self._command_parts: list[bytes] = []
         self._command: Command | None = None
         self._data_parts: list[memoryview] = []
+        self._later: Later = []  # what the last stored instance left for after its response
 
     def accept(self) -> None:
         """Take the A-ASSOCIATE-RQ off the socket and answer it (PS3.8 9.3.3)."""
@@ -401,7 +403,7 @@ class StorageAssociation:
             if not command.sop_class or not command.sop_instance or not command.has_data:
                 raise ValueError("C-STORE-RQ lacks a mandatory field")
             try:
-                status, comment = self.store(abstract, syntax, command, data)
+                status, comment = self.store(abstract, syntax, command, data, self._later)
             except Exception as exc:  # a bug must cost one instance, not the association
                 log.exception("C-STORE from %s failed", self.peer)
                 status, comment = 0x0110, f"processing failure: {type(exc).__name__}"
@@ -412,7 +414,11 @@ class StorageAssociation:
             return
         else:
             raise ValueError(f"command 0x{command.field:04X} on a storage association")
-        self.sock.sendall(pdata_message(context_id, reply, None, self.request.max_length))
+        try:
+            self.sock.sendall(pdata_message(context_id, reply, None, self.request.max_length))
+        finally:
+            # The sender reads the response and prepares its next instance meanwhile.
+            run_later(self._later)
 
     def _abort(self, reason: int) -> None:
         with contextlib.suppress(OSError):
