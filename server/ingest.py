@@ -8,6 +8,7 @@ transaction, and only then report success, so an acknowledged instance survives 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
@@ -88,26 +89,38 @@ def _integer(text: str) -> int | None:
 COLUMN_CHARS = 256  # at most 1 KiB in UTF-8: within PostgreSQL's B-tree entry limit
 
 
+@functools.cache
+def _column_specs(level: Level) -> tuple[tuple[str, str, bool, str | None], ...]:
+    """(tag, column, integer?, case-insensitive column of a PN) of ``level``'s attributes."""
+    return tuple(
+        (a.tag_hex, a.column, a.vr in INTEGER_VRS, ci_column(a) if a.vr == "PN" else None)
+        for a in extracted(level)
+    )
+
+
 def extract_columns(metadata: dict[str, Any], level: Level) -> dict[str, Any]:
     """Catalog column values of ``level`` (the attribute table drives it), read from the
     instance's DICOM JSON so each value is converted once."""
     values: dict[str, Any] = {}
-    for attr in extracted(level):
+    for tag, column, integer, ci in _column_specs(level):
+        element = metadata.get(tag)
+        if not element:
+            values[column] = None
+            if ci:
+                values[ci] = None
+            continue
         # NUL is padding or garbage, and PostgreSQL text cannot hold it; a value far beyond any
         # VR's length cannot be indexed there (found by tools/fuzz.py: both refused the
         # instance with 0xA700 on PostgreSQL only). The metadata keeps the values as sent.
-        texts = [
-            t.replace("\0", "").strip(" ")
-            for t in dicom_json.text_values(metadata.get(attr.tag_hex))
-        ]
-        text = "\\".join(texts)[:COLUMN_CHARS] if any(texts) else None
-        if attr.vr in INTEGER_VRS:
+        texts = [t.replace("\0", "").strip(" ") for t in dicom_json.text_values(element)]
+        if integer:
             # an unparseable optional value is not a reason to refuse the instance
-            values[attr.column] = _integer(texts[0]) if texts and texts[0] else None
-        else:
-            values[attr.column] = text
-            if attr.vr == "PN":
-                values[ci_column(attr)] = text.upper() if text else None
+            values[column] = _integer(texts[0]) if texts and texts[0] else None
+            continue
+        text = "\\".join(texts)[:COLUMN_CHARS] if any(texts) else None
+        values[column] = text
+        if ci:
+            values[ci] = text.upper() if text else None
     return values
 
 

@@ -221,6 +221,19 @@ def is_postgres() -> bool:
 
 
 @contextmanager
+def association_session() -> Iterator[None]:
+    """A connection for a whole association's work on SQLite, where it is a file handle and
+    borrowing one from the pool for each instance cost ~25 µs of a small instance's ~600; on
+    PostgreSQL, where each is a server process and several nodes share the server's limit,
+    nothing: every unit of work borrows its own (:func:`session`) as before."""
+    if is_postgres():
+        yield
+        return
+    with session():
+        yield
+
+
+@contextmanager
 def session() -> Iterator[None]:
     """Borrow a pooled connection for one unit of work (re-entrant)."""
     if not database.is_closed():

@@ -120,6 +120,22 @@ def _bump_counters(series_id: int, study_id: int, now: dt.datetime) -> None:
         database.execute_sql(sql, [now, row_id])
 
 
+_DEFAULTS: dict[Any, tuple[tuple[str, Any], ...]] = {}
+
+
+def _defaults(model: Any) -> tuple[tuple[str, Any], ...]:
+    """(column, default) of the model's fields that have a default, looked up once."""
+    found = _DEFAULTS.get(model)
+    if found is None:
+        found = tuple(
+            (field.column_name, field.default)
+            for field in model._meta.sorted_fields
+            if field.default is not None
+        )
+        _DEFAULTS[model] = found
+    return found
+
+
 def _upsert(model: Any, key_column: str, values: Columns) -> tuple[int, bool]:
     """Insert a parent row unless its key exists; returns (id, inserted).
 
@@ -127,11 +143,9 @@ def _upsert(model: Any, key_column: str, values: Columns) -> tuple[int, bool]:
     SQLite and PostgreSQL; RETURNING tells us whether this call created the row.
     """
     table = model._meta.table_name
-    for field in model._meta.sorted_fields:  # Peewee applies defaults in Python, not in SQL
-        if field.default is not None and field.column_name not in values:
-            values[field.column_name] = (
-                field.default() if callable(field.default) else field.default
-            )
+    for column, default in _defaults(model):  # Peewee applies defaults in Python, not in SQL
+        if column not in values:
+            values[column] = default() if callable(default) else default
     names = tuple(values)
     param = _param()
     key = (param, "upsert", table, *names)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydicom.uid import UID
+from pydicom._uid_dict import UID_dictionary
 
 _TYPE1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 _TYPE2 = (
@@ -41,7 +41,7 @@ _PIXEL = (
 )
 _DA = re.compile(r"^\d{8}$")
 _TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_UI = re.compile(r"^(0|[1-9]\d*)(\.(0|[1-9]\d*))*$")
+_UI = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TAGS: dict[str, str] = {}
 
 
@@ -70,10 +70,10 @@ def problems(header: dict[str, Any], has_pixels: bool) -> list[str]:
     for keyword in _TYPE2:
         if _values(header, keyword) is None:
             found.append(f"Type 2 {keyword} is missing")
-    sop_class = (_values(header, "SOPClassUID") or [""])[0]
-    if sop_class and not UID(str(sop_class)).is_valid:
+    sop_class = str((_values(header, "SOPClassUID") or [""])[0])
+    if sop_class and (len(sop_class) > 64 or not _UI.match(sop_class)):
         found.append(f"SOPClassUID {sop_class!r} is not a valid UID")
-    elif sop_class and UID(str(sop_class)).name == str(sop_class):
+    elif sop_class and sop_class not in UID_dictionary:
         found.append(f"SOPClassUID {sop_class} is not a standard SOP Class")
     for keyword in ("StudyDate", "SeriesDate", "PatientBirthDate", "ContentDate"):
         for value in _values(header, keyword) or []:

@@ -40,6 +40,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from server import tls
 from server.archive import Archive
 from server.audit import AuditLog
+from server.catalog.db import association_session
 from server.config import Settings
 from server.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from server.dimse import (
@@ -268,7 +269,8 @@ class StorageService:
         association = storage_scp.StorageAssociation(
             sock, request, peer, store, self.settings.max_pdu, self.settings.network_timeout
         )
-        storage_scp.serve(association, ended)
+        with association_session():
+            storage_scp.serve(association, ended)
         return True
 
 
