@@ -4,7 +4,7 @@ arrival, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -94,3 +94,18 @@ def test_a_new_study_reusing_another_studys_series_uid(opened: Archive, tmp_path
             [series_uid],
         ).fetchone()[0]
     assert count == 2
+
+
+def test_a_duplicate_leaves_one_row_and_one_file(opened: Archive, tmp_path: Path) -> None:
+    """On PostgreSQL the instance table's unique index alone finds the duplicate (no question
+    asked before the file is written): its file goes again, and the counters stay."""
+    spec = StudySpec(patient_id="COUNT4")
+    data = write(small_instance(spec, uid(), 1), tmp_path / "in").read_bytes()
+    assert opened.ingestor.ingest(data, source="test").outcome == "stored"
+    later: list[Callable[[], None]] = []
+    again = opened.ingestor.ingest(data, source="test", later=later)
+    assert again.outcome == "duplicate" and later == []
+    assert _study(spec.study_uid) == (1, 1, "OT") == _recount(spec.study_uid)
+    files = [p for p in (opened.storage.root / "instances").rglob("*") if p.is_file()]
+    assert len(files) == 1
+    assert [p.name for p in opened.storage.tmp.iterdir() if p.name.endswith(".part")] == []
