@@ -436,6 +436,10 @@ def cpu_seconds(pid: int) -> float:
 
 @contextmanager
 def server_cpu(target: Target, figure: Figure) -> Iterator[None]:
+    # Every measurement starts with nothing left to write back: the kernel flushing the
+    # gigabyte a previous ingest left in the page cache took CPU and disk from whichever
+    # server ran next (with --rounds 3 that was ours in two rounds of three).
+    os.sync()
     before = cpu_seconds(target.pid)
     yield
     figure.cpu_s[target.name] = cpu_seconds(target.pid) - before
