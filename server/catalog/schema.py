@@ -10,6 +10,8 @@ case-insensitive name matching can use an index on both SQLite and PostgreSQL.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from peewee import (
@@ -28,6 +30,8 @@ from peewee import (
 
 from server.catalog.db import database, is_postgres
 from server.dicom.attributes import INTEGER_VRS, Attribute, Level, at_level
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 # Columns added after version 1: (table, column, SQL type, indexed). create_schema adds them to
@@ -379,20 +383,31 @@ def create_schema() -> None:
     is missing run, under an advisory lock that also keeps two starting processes from
     creating the same table at once.
     """
+    invalid: set[str] = set()
+    later: list[str] = []  # PostgreSQL: indexes a table that holds rows lacks (see below)
     with database.atomic():
         if is_postgres():
             database.execute_sql("SELECT pg_advisory_xact_lock(%s)", [_SCHEMA_LOCK])
+            invalid = _invalid_indexes()
         tables = set(database.get_tables())
-        indexes = _index_names()
+        indexes = _index_names() - invalid
         missing = [m for m in [*TABLES, *AUTH_TABLES] if m._meta.table_name not in tables]
         if missing:
             database.create_tables(missing, safe=True)
+
+        def create_index(sql: str, new_table: bool) -> None:
+            if is_postgres() and not new_table:
+                later.append(sql)
+            else:
+                database.execute_sql(sql)
+
         for model in [*TABLES, *AUTH_TABLES]:
             if model in missing:
                 continue
             for index in model._meta.fields_to_index():
                 if index._name not in indexes:
-                    database.execute(model._schema._create_index(index, safe=True))
+                    query = model._schema._create_index(index, safe=True)
+                    create_index(database.get_sql_context().sql(query).query()[0], False)
         if is_postgres():
             # Prefix LIKE ('LEW%') uses a btree index in PostgreSQL only with pattern ops
             # (unless the database collation is C).
@@ -402,20 +417,61 @@ def create_schema() -> None:
                         table = model._meta.table_name
                         name = f"{table}_{field.column_name}_pattern"
                         if name not in indexes:
-                            database.execute_sql(
+                            create_index(
                                 f'CREATE INDEX IF NOT EXISTS "{name}" '
-                                f'ON "{table}" ("{field.column_name}" text_pattern_ops)'
+                                f'ON "{table}" ("{field.column_name}" text_pattern_ops)',
+                                model in missing,
                             )
         row = SchemaInfo.select().first()
         if row is not None and row.version > SCHEMA_VERSION:
             raise RuntimeError(
                 f"catalog schema version {row.version} is newer than this server ({SCHEMA_VERSION})"
             )
-        _upgrade(indexes)
+        _upgrade(indexes, create_index)
         if row is None:
             SchemaInfo.create(version=SCHEMA_VERSION)
         elif row.version < SCHEMA_VERSION:
             SchemaInfo.update(version=SCHEMA_VERSION).execute()
+    if later or invalid:
+        _build_concurrently(invalid, later)
+
+
+# pg_advisory_lock key (held by a session, across the transactions of the builds below).
+_INDEX_LOCK = _SCHEMA_LOCK + 1
+
+
+def _invalid_indexes() -> set[str]:
+    """PostgreSQL: indexes left unusable by a CONCURRENTLY build that was interrupted (they
+    are still maintained on every write, and never used)."""
+    rows = database.execute_sql(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE NOT i.indisvalid AND n.nspname = current_schema()"
+    ).fetchall()
+    return {str(row[0]) for row in rows}
+
+
+def _build_concurrently(invalid: set[str], statements: list[str]) -> None:
+    """Build the indexes an existing PostgreSQL table lacks (a catalog from before they were
+    added) with CREATE INDEX CONCURRENTLY: a plain CREATE INDEX holds a SHARE lock for the
+    whole build, minutes on a large table, and every other node's ingest waits behind it.
+    Concurrently, writes go on; this process starts once the index is there. One node at a
+    time (a session advisory lock); an index a killed build left invalid is built again."""
+    database.execute_sql("SELECT pg_advisory_lock(%s)", [_INDEX_LOCK])
+    try:
+        for name in _invalid_indexes() & invalid:
+            log.warning(
+                "catalog index %s was left invalid by an interrupted build; rebuilding", name
+            )
+            database.execute_sql(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
+        for sql in statements:
+            concurrent = sql.replace("INDEX IF NOT EXISTS", "INDEX CONCURRENTLY IF NOT EXISTS", 1)
+            if concurrent == sql:
+                raise AssertionError(f"not an index creation: {sql}")
+            log.warning("building a catalog index while writes go on: %s", concurrent)
+            database.execute_sql(concurrent)
+    finally:
+        database.execute_sql("SELECT pg_advisory_unlock(%s)", [_INDEX_LOCK])
 
 
 def _index_names() -> set[str]:
@@ -427,14 +483,14 @@ def _index_names() -> set[str]:
     return {str(row[0]) for row in database.execute_sql(sql).fetchall()}
 
 
-def _upgrade(indexes: set[str]) -> None:
+def _upgrade(indexes: set[str], create_index: Callable[[str, bool], None]) -> None:
     for table, column, sql_type, indexed in _ADDED_COLUMNS:
         present = {c.name for c in database.get_columns(table)}
         if column not in present:
             database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type}')
         if indexed and f"{table}_{column}" not in indexes:
-            database.execute_sql(
-                f'CREATE INDEX IF NOT EXISTS "{table}_{column}" ON "{table}" ("{column}")'
+            create_index(
+                f'CREATE INDEX IF NOT EXISTS "{table}_{column}" ON "{table}" ("{column}")', False
             )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from peewee import OperationalError
@@ -135,5 +136,91 @@ def test_instance_keys_searched_across_the_archive_are_indexed(tmp_path: Path) -
                 ["1.2.840.10008.5.1.4.1.1.88.22"],
             ).fetchall()
             assert any("instance_sop_class_uid" in str(row) for row in plan), plan
+    finally:
+        close_archive()
+
+
+def test_a_missing_index_is_built_while_writes_go_on(tmp_path: Path, pg_url: str) -> None:
+    """A node starting against an older PostgreSQL catalog builds the index it lacks
+    CONCURRENTLY: while the build waits for an ingest transaction in flight, other writes to
+    the table go on. A plain CREATE INDEX queues a SHARE lock behind the open transaction and
+    every later write queues behind that: the whole cluster's ingest stalls."""
+    import threading
+
+    import psycopg2
+
+    settings = load_settings(None, {"data_dir": str(tmp_path / "data"), "database_url": pg_url})
+    open_archive(settings)
+    with session():
+        database.execute_sql('DROP INDEX "study_accession_number"')
+    close_archive()
+    in_flight, other = psycopg2.connect(pg_url), psycopg2.connect(pg_url)
+    errors: list[BaseException] = []
+    starting = threading.Thread(target=lambda: _open(settings, errors))
+    try:
+        with in_flight.cursor() as cursor:  # an ingest's transaction, not yet committed
+            cursor.execute("UPDATE study SET study_description = 'x' WHERE id = -1")
+        starting.start()
+        deadline = time.monotonic() + 10
+        while not _building(other) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _building(other), "the index build never started"
+        with other.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '2s'")
+            cursor.execute("UPDATE study SET study_description = 'y' WHERE id = -2")
+        other.commit()
+    finally:
+        in_flight.commit()
+        starting.join(30)
+        in_flight.close()
+        other.close()
+    try:
+        assert not starting.is_alive() and not errors, errors
+        with session():
+            assert "study_accession_number" in _names()
+    finally:
+        close_archive()
+
+
+def _open(settings: Any, errors: list[BaseException]) -> None:
+    try:
+        open_archive(settings)
+    except BaseException as exc:  # the test reports it
+        errors.append(exc)
+
+
+def _building(conn: Any) -> bool:
+    with conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE query LIKE 'CREATE INDEX%%' AND state = 'active'"
+        )
+        found = bool(cursor.fetchone()[0])
+    conn.commit()
+    return found
+
+
+def _names() -> set[str]:
+    sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+    return {str(row[0]) for row in database.execute_sql(sql).fetchall()}
+
+
+def test_an_index_left_invalid_is_built_again(tmp_path: Path, pg_url: str) -> None:
+    settings = load_settings(None, {"data_dir": str(tmp_path / "data"), "database_url": pg_url})
+    open_archive(settings)
+    with session():  # what a build killed half-way leaves behind
+        database.execute_sql(
+            "UPDATE pg_index SET indisvalid = false "
+            "WHERE indexrelid = 'study_accession_number'::regclass"
+        )
+    close_archive()
+    open_archive(settings)
+    try:
+        with session():
+            valid = database.execute_sql(
+                "SELECT indisvalid FROM pg_index "
+                "WHERE indexrelid = 'study_accession_number'::regclass"
+            ).fetchone()[0]
+            assert valid is True
     finally:
         close_archive()
