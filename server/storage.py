@@ -32,6 +32,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ def fsync_dir(path: Path) -> None:
 # Raw descriptors, not Python file objects: the receive path writes each instance in one
 # write() and closes it, so a buffered writer only added work.
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# Spare names carry the host (a data directory may be shared) and the process that made them.
+_HOST = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:64] or "host"
 
 
 class _Spares:
@@ -65,9 +68,12 @@ class _Spares:
     Creating a file allocates its inode, which on this project's ext4 disks cost 0.1-0.6 ms of
     kernel time per instance whenever the file system was busy: more than the rest of a small
     instance's ingest.  Renaming an existing file costs a few microseconds.  So the thread
-    creates ``tmp/spare.<nonce>`` files on the other core, and the receive path renames one to
-    its ``.part`` name and writes into it.  Spares are not journal entries: recovery removes
-    any it finds with the rest of what is in ``tmp/``, and ``check`` does not report them.
+    creates ``tmp/spare.<host>.<pid>.<nonce>`` files on the other core, and the receive path
+    renames one to its ``.part`` name and writes into it.  Spares are not journal entries:
+    recovery removes any it finds with the rest of what is in ``tmp/``, and ``check`` does not
+    report them.  A process killed with spares ready (a DIMSE worker, which its parent starts
+    again while the others go on, so no recovery runs) leaves them behind: the thread of the
+    next process to write removes those of this host's processes that are gone.
     """
 
     POOL = 16
@@ -127,13 +133,35 @@ class _Spares:
                 self._thread = thread
         self._wanted.set()
 
+    def _reap(self) -> None:
+        """Remove the spares of this host's processes that no longer exist."""
+        own = f"spare.{_HOST}."
+        for entry in os.scandir(self.tmp):
+            if not entry.name.startswith(own):
+                continue  # another host's, or a name from before hosts and pids were in it
+            pid_text = entry.name[len(own) :].split(".", 1)[0]
+            if not pid_text.isdigit():
+                continue
+            pid = int(pid_text)
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            except PermissionError:
+                pass  # alive, someone else's
+
     def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            self._reap()
         while not self._stopped:
             self._wanted.wait()
             self._wanted.clear()
             try:
                 while len(self._ready) < self.POOL and not self._stopped:
-                    path = f"{self.tmp}/spare.{secrets.token_hex(8)}"
+                    path = f"{self.tmp}/spare.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}"
                     self._ready.append((path, os.open(path, _NEW_FILE, 0o666)))
             except OSError:
                 continue  # a full disk: the receive path creates its own files and says so

@@ -105,3 +105,31 @@ def test_recovery_removes_spares_and_writes_go_on(tmp_path: Path) -> None:
     storage.finish(staged, keep=True)
     assert staged.final.read_bytes() == b"after"
     _wait_for_spares(storage, 1)
+
+
+def test_spares_of_a_process_gone_are_removed(tmp_path: Path) -> None:
+    """A DIMSE worker killed with spares ready leaves them; the next process's spare thread
+    removes those of this host's processes that no longer exist, and no one else's."""
+    import subprocess
+    import sys
+
+    from server.storage import _HOST
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    storage = Storage(tmp_path, durable=False)
+    left = storage.tmp / f"spare.{_HOST}.{int(gone.stdout)}.0123456789abcdef"
+    alive = storage.tmp / f"spare.{_HOST}.{os.getppid()}.0123456789abcdef"
+    elsewhere = storage.tmp / f"spare.other-host.{int(gone.stdout)}.0123456789abcdef"
+    for path in (left, alive, elsewhere):
+        path.write_bytes(b"")
+    storage.finish(storage.stage(storage_key("1.3.3"), [b"x"]), keep=True)  # starts the thread
+    deadline = time.monotonic() + 30
+    while left.exists():
+        assert time.monotonic() < deadline, "the dead process's spare was never removed"
+        time.sleep(0.01)
+    assert alive.exists() and elsewhere.exists()
