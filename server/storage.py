@@ -46,6 +46,16 @@ def storage_key(sop_instance_uid: str) -> str:
     return hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
 
 
+def _unlink(path: str | Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _subdirectory(key: str) -> str:
+    """Where a storage key's files go, below ``instances/``: two levels of its hash."""
+    return f"{key[:2]}/{key[2:4]}"
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (new links, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -114,8 +124,7 @@ class _Spares:
             while self._ready:
                 path, fd = self._ready.popleft()
                 os.close(fd)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                _unlink(path)
             self._thread = None
             self._stopped = False
 
@@ -148,8 +157,7 @@ class _Spares:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+                _unlink(entry.path)
             except PermissionError:
                 pass  # alive, someone else's
 
@@ -295,15 +303,15 @@ class Storage:
         shutil.rmtree(self.root / prefix, ignore_errors=True)
 
     def _directory(self, key: str) -> Path:
-        return self.instances / key[:2] / key[2:4]
+        return self.instances / _subdirectory(key)
 
     def stage(self, key: str, chunks: Iterable[bytes]) -> StagedFile:
         """Write the data durably and link it into place (steps 1-2 above)."""
         # Paths as strings: pathlib's objects cost more than the system calls they name here.
         nonce = secrets.token_hex(6)
         part = f"{self._tmp}/{key}.{nonce}.part"
-        directory = f"{self._instances}/{key[:2]}/{key[2:4]}"
-        relative = f"{key[:2]}/{key[2:4]}/{key}.{nonce}.dcm"
+        directory = f"{self._instances}/{_subdirectory(key)}"
+        relative = f"{_subdirectory(key)}/{key}.{nonce}.dcm"
         final = f"{self._instances}/{relative}"
         size = 0
         fd = -1
@@ -329,8 +337,7 @@ class Storage:
                 fsync_dir(Path(directory))
         except OSError as exc:
             for leftover in (final, part):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
+                _unlink(leftover)
             raise StorageError(f"cannot write instance file: {exc.strerror or exc}") from exc
         finally:
             if fd >= 0:
@@ -339,14 +346,11 @@ class Storage:
 
     def finish(self, staged: StagedFile, keep: bool, obsolete: str | None = None) -> None:
         """After the catalog decided: keep the file (dropping an older version) or drop it."""
-        with contextlib.suppress(FileNotFoundError):
-            if keep:
-                if obsolete and obsolete != staged.relative:
-                    self.path_of(obsolete).unlink(missing_ok=True)
-            else:
-                os.unlink(staged.final)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staged.part)
+        if not keep:
+            _unlink(staged.final)
+        elif obsolete and obsolete != staged.relative:
+            _unlink(self.path_of(obsolete))
+        _unlink(staged.part)
 
     def recover(self, committed_path: Callable[[str], str | None]) -> tuple[int, int]:
         """Resolve interrupted writes: keep what the catalog references, delete the rest.

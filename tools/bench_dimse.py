@@ -704,6 +704,16 @@ def measure_find_on_association(
     log(f"  {name}: {hits} hits, median {figure.values[target.name]:.1f} ms")
 
 
+def _series_keys(series: Series) -> list[str]:
+    """The DCMTK ``-k`` arguments of a SERIES-level retrieve of ``series``."""
+    keys = (
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={series.study_uid}",
+        f"SeriesInstanceUID={series.series_uid}",
+    )
+    return [arg for key in keys for arg in ("-k", key)]
+
+
 def measure_move(target: Target, series: Series, work: Path, move_port: int, fig: Figure) -> None:
     destination = work / f"moved-{target.name}"
     cmd = [
@@ -715,12 +725,7 @@ def measure_move(target: Target, series: Series, work: Path, move_port: int, fig
         target.ae_title,
         "-aem",
         MOVE_DESTINATION,
-        "-k",
-        "QueryRetrieveLevel=SERIES",
-        "-k",
-        f"StudyInstanceUID={series.study_uid}",
-        "-k",
-        f"SeriesInstanceUID={series.series_uid}",
+        *_series_keys(series),
         HOST,
         str(target.port),
     ]
@@ -766,12 +771,7 @@ def measure_get(target: Target, series: Series, work: Path, fig: Figure) -> None
         "131072",
         "-od",
         str(destination),
-        "-k",
-        "QueryRetrieveLevel=SERIES",
-        "-k",
-        f"StudyInstanceUID={series.study_uid}",
-        "-k",
-        f"SeriesInstanceUID={series.series_uid}",
+        *_series_keys(series),
         HOST,
         str(target.port),
     ]

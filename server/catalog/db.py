@@ -111,11 +111,11 @@ class _Checkpointer:
     SQLite runs its automatic checkpoint inside the commit that crosses 1,000 WAL pages: one
     small instance in ~22 waited ~4 ms for the pages to be copied and two fsyncs, ~120 µs per
     instance on average, a quarter of the catalog's cost.  Here a thread does the copying while
-    writers go on
-    (PASSIVE), then finishes with the writers' gate held: only the pages committed meanwhile
-    are left, and a checkpoint that reaches the end of the WAL lets the next writer start it
-    again from the beginning.  Without that last step the WAL never restarts under a steady
-    stream of commits and grows without bound (every commit then extends the file).
+    writers go on (PASSIVE), then finishes with the writers' gate held: only the pages
+    committed meanwhile are left, and a checkpoint that reaches the end of the WAL lets the
+    next writer start it again from the beginning.  Without that last step the WAL never
+    restarts under a steady stream of commits and grows without bound (every commit then
+    extends the file).
 
     Each pass opens its own connection with the configured ``synchronous`` level, so the
     checkpoint syncs the WAL and the database file exactly as SQLite's own would.

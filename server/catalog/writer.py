@@ -7,6 +7,7 @@ date here so C-FIND and QIDO read them from the row instead of counting on every
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -87,31 +88,34 @@ def _param() -> str:
     return "%s" if is_postgres() else "?"
 
 
-def _insert_instance(columns: Columns, series_id: int, now: dt.datetime) -> None:
-    """INSERT with SQL built once per column set: Peewee's query builder costs more than the
-    statement itself on this path."""
-    values = {**columns, "series_id": series_id, "received_at": now}
-    names = tuple(values)
-    param = _param()
-    sql = _SQL.get((param, *names))
-    if sql is None:
-        sql = (
-            f"INSERT INTO {_q(Instance._meta.table_name)} ({', '.join(map(_q, names))}) "
-            f"VALUES ({', '.join([param] * len(names))})"
-        )
-        _SQL[(param, *names)] = sql
-    database.execute_sql(sql, [values[n] for n in names])
+@functools.cache
+def _insert_sql(names: tuple[str, ...], param: str) -> str:
+    """The instance INSERT for a column set, built once: Peewee's query builder costs more
+    than the statement itself on this path."""
+    return (
+        f"INSERT INTO {_q(Instance._meta.table_name)} ({', '.join(map(_q, names))}) "
+        f"VALUES ({', '.join([param] * len(names))})"
+    )
 
 
-def _counter_updates(param: str) -> list[str]:
-    return [
+@functools.cache
+def _counter_updates(param: str) -> tuple[str, str]:
+    """The series' then the study's instance counter +1 (parameters: time, row id)."""
+    series, study = (
         f"UPDATE {_q(model._meta.table_name)} SET {_q(counter)} = {_q(counter)} + 1, "
         f'"updated_at" = {param} WHERE "id" = {param}'
         for model, counter in (
             (Series, "number_of_series_related_instances"),
             (Study, "number_of_study_related_instances"),
         )
-    ]
+    )
+    return series, study
+
+
+def _insert_instance(columns: Columns, series_id: int, now: dt.datetime) -> None:
+    values = {**columns, "series_id": series_id, "received_at": now}
+    names = tuple(values)
+    database.execute_sql(_insert_sql(names, _param()), [values[n] for n in names])
 
 
 def _bump_counters(series_id: int, study_id: int, now: dt.datetime) -> None:
@@ -126,32 +130,18 @@ def _insert_counted(columns: Columns, series_id: int, study_id: int, now: dt.dat
     much as its work."""
     values = {**columns, "series_id": series_id, "received_at": now}
     names = tuple(values)
-    key = ("pg-counted", *names)
-    sql = _SQL.get(key)
-    if sql is None:
-        insert = (
-            f"INSERT INTO {_q(Instance._meta.table_name)} ({', '.join(map(_q, names))}) "
-            f"VALUES ({', '.join(['%s'] * len(names))})"
-        )
-        sql = "; ".join([insert, *_counter_updates("%s")])
-        _SQL[key] = sql
+    sql = "; ".join([_insert_sql(names, "%s"), *_counter_updates("%s")])
     database.execute_sql(sql, [*(values[n] for n in names), now, series_id, now, study_id])
 
 
-_DEFAULTS: dict[Any, tuple[tuple[str, Any], ...]] = {}
-
-
+@functools.cache
 def _defaults(model: Any) -> tuple[tuple[str, Any], ...]:
     """(column, default) of the model's fields that have a default, looked up once."""
-    found = _DEFAULTS.get(model)
-    if found is None:
-        found = tuple(
-            (field.column_name, field.default)
-            for field in model._meta.sorted_fields
-            if field.default is not None
-        )
-        _DEFAULTS[model] = found
-    return found
+    return tuple(
+        (field.column_name, field.default)
+        for field in model._meta.sorted_fields
+        if field.default is not None
+    )
 
 
 def _upsert(model: Any, key_column: str, values: Columns) -> tuple[int, bool]:

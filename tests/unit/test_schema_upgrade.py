@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,47 +14,53 @@ from peewee import OperationalError
 from server.archive import close_archive, open_archive
 from server.catalog.db import database, session
 from server.catalog.schema import SCHEMA_VERSION, SchemaInfo
-from server.config import load_settings
+from server.config import Settings, load_settings
+
+
+@contextmanager
+def _reopened(tmp_path: Path, *changes: str, database_url: str = "") -> Iterator[Settings]:
+    """A catalog made, then changed by ``changes`` (SQL) into what an older or damaged one
+    looks like, closed and opened again as a starting server opens it."""
+    overrides = {"data_dir": str(tmp_path / "data"), "database_url": database_url or None}
+    settings = load_settings(None, overrides)
+    open_archive(settings)
+    with session():
+        for sql in changes:
+            database.execute_sql(sql)
+    close_archive()
+    open_archive(settings)
+    try:
+        yield settings
+    finally:
+        close_archive()
 
 
 def test_old_catalog_gains_the_new_columns(tmp_path: Path) -> None:
-    settings = load_settings(None, {"data_dir": str(tmp_path / "data")})
-    open_archive(settings)
-    with session():
-        database.execute_sql('DROP INDEX IF EXISTS "study_institution"')
-        database.execute_sql('ALTER TABLE "study" DROP COLUMN "institution"')
-        database.execute_sql('ALTER TABLE "series" DROP COLUMN "last_accessed"')
-        database.execute_sql('DROP INDEX IF EXISTS "series_source_series"')
-        database.execute_sql('ALTER TABLE "series" DROP COLUMN "source_series"')
-        database.execute_sql('DROP TABLE "analysis_job"')
-        SchemaInfo.update(version=1).execute()
-    close_archive()
-    open_archive(settings)
-    try:
-        with session():
-            study = {c.name for c in database.get_columns("study")}
-            series = {c.name for c in database.get_columns("series")}
-            assert "institution" in study and "last_accessed" in series
-            assert "source_series" in series
-            assert "analysis_job" in database.get_tables()
-            assert SchemaInfo.select().first().version == SCHEMA_VERSION == 3
-    finally:
-        close_archive()
+    with (
+        _reopened(
+            tmp_path,
+            'DROP INDEX IF EXISTS "study_institution"',
+            'ALTER TABLE "study" DROP COLUMN "institution"',
+            'ALTER TABLE "series" DROP COLUMN "last_accessed"',
+            'DROP INDEX IF EXISTS "series_source_series"',
+            'ALTER TABLE "series" DROP COLUMN "source_series"',
+            'DROP TABLE "analysis_job"',
+            'UPDATE "schema_info" SET "version" = 1',
+        ),
+        session(),
+    ):
+        study = {c.name for c in database.get_columns("study")}
+        series = {c.name for c in database.get_columns("series")}
+        assert "institution" in study and "last_accessed" in series
+        assert "source_series" in series
+        assert "analysis_job" in database.get_tables()
+        assert SchemaInfo.select().first().version == SCHEMA_VERSION == 3
 
 
 def test_a_dropped_index_of_an_existing_table_is_made_again(tmp_path: Path) -> None:
-    settings = load_settings(None, {"data_dir": str(tmp_path / "data")})
-    open_archive(settings)
-    with session():
-        database.execute_sql('DROP INDEX "study_accession_number"')
-    close_archive()
-    open_archive(settings)
-    try:
-        with session():
-            names = {i.name for i in database.get_indexes("study")}
-            assert "study_accession_number" in names
-    finally:
-        close_archive()
+    with _reopened(tmp_path, 'DROP INDEX "study_accession_number"'), session():
+        names = {i.name for i in database.get_indexes("study")}
+        assert "study_accession_number" in names
 
 
 def test_opening_a_current_catalog_waits_for_no_ingest(tmp_path: Path, pg_url: str) -> None:
@@ -120,24 +128,15 @@ def test_a_deadlock_victim_is_recorded_on_the_next_attempt(monkeypatch: pytest.M
 def test_instance_keys_searched_across_the_archive_are_indexed(tmp_path: Path) -> None:
     """SOP Class UID and Instance Number are indexed (an older catalog gains the indexes when
     opened), so a query for every instance of a class does not scan the instance table."""
-    settings = load_settings(None, {"data_dir": str(tmp_path / "data")})
-    open_archive(settings)
-    with session():
-        database.execute_sql('DROP INDEX "instance_sop_class_uid"')
-        database.execute_sql('DROP INDEX "instance_instance_number"')
-    close_archive()
-    open_archive(settings)
-    try:
-        with session():
-            names = {i.name for i in database.get_indexes("instance")}
-            assert {"instance_sop_class_uid", "instance_instance_number"} <= names
-            plan = database.execute_sql(
-                'EXPLAIN QUERY PLAN SELECT "id" FROM "instance" WHERE "sop_class_uid" = ?',
-                ["1.2.840.10008.5.1.4.1.1.88.22"],
-            ).fetchall()
-            assert any("instance_sop_class_uid" in str(row) for row in plan), plan
-    finally:
-        close_archive()
+    dropped = ('DROP INDEX "instance_sop_class_uid"', 'DROP INDEX "instance_instance_number"')
+    with _reopened(tmp_path, *dropped), session():
+        names = {i.name for i in database.get_indexes("instance")}
+        assert {"instance_sop_class_uid", "instance_instance_number"} <= names
+        plan = database.execute_sql(
+            'EXPLAIN QUERY PLAN SELECT "id" FROM "instance" WHERE "sop_class_uid" = ?',
+            ["1.2.840.10008.5.1.4.1.1.88.22"],
+        ).fetchall()
+        assert any("instance_sop_class_uid" in str(row) for row in plan), plan
 
 
 def test_a_missing_index_is_built_while_writes_go_on(tmp_path: Path, pg_url: str) -> None:
@@ -206,21 +205,12 @@ def _names() -> set[str]:
 
 
 def test_an_index_left_invalid_is_built_again(tmp_path: Path, pg_url: str) -> None:
-    settings = load_settings(None, {"data_dir": str(tmp_path / "data"), "database_url": pg_url})
-    open_archive(settings)
-    with session():  # what a build killed half-way leaves behind
-        database.execute_sql(
-            "UPDATE pg_index SET indisvalid = false "
-            "WHERE indexrelid = 'study_accession_number'::regclass"
-        )
-    close_archive()
-    open_archive(settings)
-    try:
-        with session():
-            valid = database.execute_sql(
-                "SELECT indisvalid FROM pg_index "
-                "WHERE indexrelid = 'study_accession_number'::regclass"
-            ).fetchone()[0]
-            assert valid is True
-    finally:
-        close_archive()
+    killed_build = (  # what a build killed half-way leaves behind
+        "UPDATE pg_index SET indisvalid = false "
+        "WHERE indexrelid = 'study_accession_number'::regclass"
+    )
+    with _reopened(tmp_path, killed_build, database_url=pg_url), session():
+        valid = database.execute_sql(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'study_accession_number'::regclass"
+        ).fetchone()[0]
+        assert valid is True
